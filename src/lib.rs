@@ -1,0 +1,12 @@
+//! kps-sync: keep SSH private keys held in Huawei Cloud KPS present on a host, as files, exactly
+//! where a YAML manifest says, and nowhere else.
+//!
+//! Data flows one way, one module per step:
+//! `manifest` -> `plan` (with `observe` and `state`) -> `kps` (export) -> `archive` (unpack,
+//! check) -> `encrypt` -> `write` -> `state` -> `hooks`. `reconcile` runs one pass over them.
+
+#![forbid(unsafe_code)]
+
+pub mod encrypt;
+pub mod manifest;
+pub mod secret;
