@@ -9,4 +9,8 @@
 
 pub mod encrypt;
 pub mod manifest;
+pub mod observe;
+pub mod plan;
 pub mod secret;
+pub mod state;
+pub mod write;

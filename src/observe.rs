@@ -1,0 +1,110 @@
+//! Look at the destinations on disk: the planner's view of the filesystem. Reads only; never
+//! follows a symlink at a destination.
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::io::{self, Read};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+/// What is at one destination path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Observed {
+    Missing,
+    /// A symlink: never followed, never replaced.
+    Symlink,
+    /// A folder, socket, device...
+    NotRegular,
+    Regular(FileFacts),
+    /// Could not be looked at (permissions...); the message says why.
+    Unreadable(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileFacts {
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// `sha256:<hex>` of the content.
+    pub sha256: String,
+}
+
+/// Observe every path given.
+pub fn observe_all<'a>(paths: impl IntoIterator<Item = &'a Path>) -> BTreeMap<PathBuf, Observed> {
+    paths
+        .into_iter()
+        .map(|p| (p.to_owned(), observe(p)))
+        .collect()
+}
+
+/// Observe one path.
+pub fn observe(path: &Path) -> Observed {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Observed::Missing,
+        Err(e) => return Observed::Unreadable(e.to_string()),
+    };
+    if meta.file_type().is_symlink() {
+        return Observed::Symlink;
+    }
+    if !meta.file_type().is_file() {
+        return Observed::NotRegular;
+    }
+    match hash_file(path) {
+        Ok(sha256) => Observed::Regular(FileFacts {
+            mode: meta.mode() & 0o7777,
+            uid: meta.uid(),
+            gid: meta.gid(),
+            sha256,
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Observed::Missing,
+        Err(e) => Observed::Unreadable(e.to_string()),
+    }
+}
+
+/// `sha256:<hex>` of bytes.
+pub fn sha256_of(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+fn hash_file(path: &Path) -> io::Result<String> {
+    let mut file = OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+        .open(path)?;
+    let mut hasher = Sha256::new();
+    // The file may hold a plaintext key: the read buffer is wiped on drop.
+    let mut buf = Zeroizing::new([0u8; 8192]);
+    loop {
+        let n = file.read(&mut buf[..])?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(format!("sha256:{}", hex::encode(hasher.finalize())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sees_each_kind_of_destination() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("f");
+        std::fs::write(&file, b"abc").unwrap();
+        let link = tmp.path().join("l");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        assert_eq!(observe(&tmp.path().join("none")), Observed::Missing);
+        assert_eq!(observe(&link), Observed::Symlink);
+        assert_eq!(observe(tmp.path()), Observed::NotRegular);
+        match observe(&file) {
+            Observed::Regular(f) => assert_eq!(f.sha256, sha256_of(b"abc")),
+            other => panic!("{other:?}"),
+        }
+    }
+}

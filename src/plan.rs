@@ -1,0 +1,574 @@
+//! The planner: a pure function of (desired keys, observed files, state) to actions.
+//! No I/O, no clock. `reconcile` carries the actions out; `plan` prints them.
+//!
+//! Invariants:
+//! - a file that exists but is not recorded in the state as written by kps-sync is never
+//!   overwritten or deleted (`Conflict::NotOurs`);
+//! - a symlink or non-regular file at a destination is never followed or replaced;
+//! - prune deletes only a file whose bytes are still exactly what kps-sync wrote;
+//! - applying a plan and planning again yields nothing pending (property-tested below).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::PathBuf;
+
+use crate::manifest::KeySpec;
+use crate::observe::{FileFacts, Observed};
+use crate::state::State;
+use crate::write::FileMeta;
+
+/// What one managed key must look like on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Desired {
+    pub name: String,
+    pub path: PathBuf,
+    pub meta: FileMeta,
+    /// Recipients' fingerprint; `None` for a plain key.
+    pub recipients: Option<String>,
+}
+
+impl From<&KeySpec> for Desired {
+    fn from(spec: &KeySpec) -> Self {
+        Desired {
+            name: spec.name.clone(),
+            path: spec.path.clone(),
+            meta: FileMeta {
+                mode: spec.mode,
+                uid: spec.owner.as_ref().map(|p| p.id),
+                gid: spec.group.as_ref().map(|p| p.id),
+            },
+            recipients: spec.recipients_fingerprint(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Missing, never written: export and write.
+    Create,
+    /// Ours, but gone or changed: export and write again.
+    Restore(RestoreReason),
+    /// Content is ours and intact; only mode/owner/group differ.
+    FixMeta,
+    /// Recipients or armor changed: export and encrypt again.
+    ReEncrypt,
+    /// Ours, intact, and no longer in the manifest (`prune: true`): delete.
+    Prune,
+    /// In place as declared.
+    Keep,
+    /// Cannot be put in place without destroying something that is not ours.
+    Conflict(ConflictReason),
+    /// No longer managed, `prune: false`: left on disk, still recorded.
+    Orphan,
+    /// A record with nothing of ours left behind it: drop it from the state.
+    Forget,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RestoreReason {
+    Deleted,
+    Altered,
+    /// The file is ours but holds another key (a key renamed in the manifest).
+    Replaced,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConflictReason {
+    NotOurs,
+    Symlink,
+    NotRegular,
+    Unreadable(String),
+}
+
+impl Change {
+    /// Does applying this change touch the disk?
+    pub fn is_pending(&self) -> bool {
+        matches!(
+            self,
+            Change::Create
+                | Change::Restore(_)
+                | Change::FixMeta
+                | Change::ReEncrypt
+                | Change::Prune
+        )
+    }
+
+    /// Does it need the key from KPS?
+    pub fn needs_export(&self) -> bool {
+        matches!(
+            self,
+            Change::Create | Change::Restore(_) | Change::ReEncrypt
+        )
+    }
+
+    /// Short, stable word for output and metrics.
+    pub fn word(&self) -> &'static str {
+        match self {
+            Change::Create => "create",
+            Change::Restore(_) => "restore",
+            Change::FixMeta => "fix-meta",
+            Change::ReEncrypt => "re-encrypt",
+            Change::Prune => "prune",
+            Change::Keep => "keep",
+            Change::Conflict(_) => "conflict",
+            Change::Orphan => "orphan",
+            Change::Forget => "forget",
+        }
+    }
+}
+
+impl fmt::Display for Change {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Change::Restore(RestoreReason::Deleted) => f.write_str("restore (deleted)"),
+            Change::Restore(RestoreReason::Altered) => f.write_str("restore (altered)"),
+            Change::Restore(RestoreReason::Replaced) => f.write_str("restore (held another key)"),
+            Change::Conflict(r) => write!(f, "conflict: {r}"),
+            Change::Orphan => f.write_str("orphan (not in the manifest; prune: false keeps it)"),
+            other => f.write_str(other.word()),
+        }
+    }
+}
+
+impl fmt::Display for ConflictReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConflictReason::NotOurs => f.write_str(
+                "a file kps-sync did not write is there; it is kept. Move it away to let kps-sync manage the path",
+            ),
+            ConflictReason::Symlink => f.write_str(
+                "a symlink is there; kps-sync never writes through one. Remove it or point the manifest at the real path",
+            ),
+            ConflictReason::NotRegular => f.write_str(
+                "something other than a regular file is there; move it away or change the path",
+            ),
+            ConflictReason::Unreadable(why) => {
+                write!(f, "cannot read it ({why}); check the folder's permissions")
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Action {
+    /// The key name (for prune/orphan/forget: the recorded key name).
+    pub key: String,
+    pub path: PathBuf,
+    pub change: Change,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub actions: Vec<Action>,
+}
+
+impl Plan {
+    pub fn pending(&self) -> impl Iterator<Item = &Action> {
+        self.actions.iter().filter(|a| a.change.is_pending())
+    }
+
+    pub fn has_pending(&self) -> bool {
+        self.pending().next().is_some()
+    }
+
+    pub fn conflicts(&self) -> impl Iterator<Item = &Action> {
+        self.actions
+            .iter()
+            .filter(|a| matches!(a.change, Change::Conflict(_)))
+    }
+}
+
+/// Compute the plan. `observed` must hold every desired path and every recorded path.
+pub fn plan(
+    desired: &[Desired],
+    prune: bool,
+    observed: &BTreeMap<PathBuf, Observed>,
+    state: &State,
+) -> Plan {
+    let mut actions = Vec::new();
+    let managed_paths: BTreeSet<&PathBuf> = desired.iter().map(|d| &d.path).collect();
+    let managed_names: BTreeMap<&str, &Desired> =
+        desired.iter().map(|d| (d.name.as_str(), d)).collect();
+
+    for want in desired {
+        let change = match observed.get(&want.path).unwrap_or(&Observed::Missing) {
+            Observed::Symlink => Change::Conflict(ConflictReason::Symlink),
+            Observed::NotRegular => Change::Conflict(ConflictReason::NotRegular),
+            Observed::Unreadable(why) => Change::Conflict(ConflictReason::Unreadable(why.clone())),
+            Observed::Missing => match state.files.get(&want.name) {
+                Some(rec) if rec.path == want.path => Change::Restore(RestoreReason::Deleted),
+                _ => Change::Create,
+            },
+            Observed::Regular(facts) => plan_existing(want, facts, state),
+        };
+        actions.push(Action {
+            key: want.name.clone(),
+            path: want.path.clone(),
+            change,
+        });
+    }
+
+    // Records no longer backed by the manifest: the key is gone, or moved to another path.
+    for (name, rec) in &state.files {
+        let still_here = managed_names
+            .get(name.as_str())
+            .is_some_and(|d| d.path == rec.path);
+        if still_here {
+            continue;
+        }
+        let change = if managed_paths.contains(&rec.path) {
+            // Another key is declared on that path now; its own action handles the file.
+            Change::Forget
+        } else {
+            match observed.get(&rec.path).unwrap_or(&Observed::Missing) {
+                Observed::Regular(facts) if facts.sha256 == rec.sha256 => {
+                    if prune {
+                        Change::Prune
+                    } else {
+                        Change::Orphan
+                    }
+                }
+                // Gone, replaced or altered by someone else: not ours to delete any more.
+                _ => Change::Forget,
+            }
+        };
+        actions.push(Action {
+            key: name.clone(),
+            path: rec.path.clone(),
+            change,
+        });
+    }
+    Plan { actions }
+}
+
+fn plan_existing(want: &Desired, facts: &FileFacts, state: &State) -> Change {
+    if let Some(rec) = state.files.get(&want.name).filter(|r| r.path == want.path) {
+        if rec.sha256 != facts.sha256 {
+            return Change::Restore(RestoreReason::Altered);
+        }
+        if rec.recipients != want.recipients {
+            return Change::ReEncrypt;
+        }
+        if !meta_matches(&want.meta, facts) {
+            return Change::FixMeta;
+        }
+        return Change::Keep;
+    }
+    // Written by kps-sync for another key name (a rename in the manifest)?
+    let ours = state
+        .files
+        .values()
+        .any(|r| r.path == want.path && r.sha256 == facts.sha256);
+    if ours {
+        Change::Restore(RestoreReason::Replaced)
+    } else {
+        Change::Conflict(ConflictReason::NotOurs)
+    }
+}
+
+fn meta_matches(want: &FileMeta, facts: &FileFacts) -> bool {
+    facts.mode == want.mode
+        && want.uid.is_none_or(|uid| uid == facts.uid)
+        && want.gid.is_none_or(|gid| gid == facts.gid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::FileRecord;
+    use proptest::prelude::*;
+
+    fn want(name: &str, path: &str) -> Desired {
+        Desired {
+            name: name.into(),
+            path: path.into(),
+            meta: FileMeta::PRIVATE,
+            recipients: None,
+        }
+    }
+
+    fn facts(sha: &str, mode: u32) -> Observed {
+        Observed::Regular(FileFacts {
+            mode,
+            uid: 0,
+            gid: 0,
+            sha256: sha.into(),
+        })
+    }
+
+    fn record(path: &str, sha: &str) -> FileRecord {
+        FileRecord {
+            path: path.into(),
+            sha256: sha.into(),
+            written_at: "2026-11-25T00:00:00Z".into(),
+            recipients: None,
+        }
+    }
+
+    fn changes(p: &Plan) -> Vec<(&str, &Change)> {
+        p.actions
+            .iter()
+            .map(|a| (a.key.as_str(), &a.change))
+            .collect()
+    }
+
+    #[test]
+    fn missing_file_is_created_and_a_deleted_one_restored() {
+        let mut state = State::new();
+        let obs = BTreeMap::new();
+        let p = plan(&[want("a", "/k/a")], false, &obs, &state);
+        assert_eq!(changes(&p), vec![("a", &Change::Create)]);
+        state.files.insert("a".into(), record("/k/a", "sha256:1"));
+        let p = plan(&[want("a", "/k/a")], false, &obs, &state);
+        assert_eq!(
+            changes(&p),
+            vec![("a", &Change::Restore(RestoreReason::Deleted))]
+        );
+    }
+
+    #[test]
+    fn a_file_never_written_by_kps_sync_is_kept() {
+        let obs = BTreeMap::from([(PathBuf::from("/k/a"), facts("sha256:theirs", 0o600))]);
+        let p = plan(&[want("a", "/k/a")], true, &obs, &State::new());
+        assert_eq!(
+            changes(&p),
+            vec![("a", &Change::Conflict(ConflictReason::NotOurs))]
+        );
+        assert!(!p.has_pending());
+    }
+
+    #[test]
+    fn a_symlink_is_never_followed() {
+        let obs = BTreeMap::from([(PathBuf::from("/k/a"), Observed::Symlink)]);
+        let mut state = State::new();
+        state.files.insert("a".into(), record("/k/a", "sha256:1"));
+        let p = plan(&[want("a", "/k/a")], true, &obs, &state);
+        assert_eq!(
+            changes(&p),
+            vec![("a", &Change::Conflict(ConflictReason::Symlink))]
+        );
+    }
+
+    #[test]
+    fn altered_meta_and_recipients() {
+        let mut state = State::new();
+        state.files.insert("a".into(), record("/k/a", "sha256:1"));
+        let obs = BTreeMap::from([(PathBuf::from("/k/a"), facts("sha256:2", 0o600))]);
+        let p = plan(&[want("a", "/k/a")], false, &obs, &state);
+        assert_eq!(
+            changes(&p),
+            vec![("a", &Change::Restore(RestoreReason::Altered))]
+        );
+
+        let obs = BTreeMap::from([(PathBuf::from("/k/a"), facts("sha256:1", 0o644))]);
+        let p = plan(&[want("a", "/k/a")], false, &obs, &state);
+        assert_eq!(changes(&p), vec![("a", &Change::FixMeta)]);
+
+        let mut enc = want("a", "/k/a");
+        enc.recipients = Some("sha256:r".into());
+        let p = plan(&[enc], false, &obs, &state);
+        assert_eq!(changes(&p), vec![("a", &Change::ReEncrypt)]);
+    }
+
+    #[test]
+    fn prune_only_deletes_intact_files_of_ours() {
+        let mut state = State::new();
+        state
+            .files
+            .insert("gone".into(), record("/k/gone", "sha256:1"));
+        state
+            .files
+            .insert("edited".into(), record("/k/edited", "sha256:1"));
+        let obs = BTreeMap::from([
+            (PathBuf::from("/k/gone"), facts("sha256:1", 0o600)),
+            (
+                PathBuf::from("/k/edited"),
+                facts("sha256:someone-else", 0o600),
+            ),
+        ]);
+        let p = plan(&[], true, &obs, &state);
+        assert_eq!(
+            changes(&p),
+            vec![("edited", &Change::Forget), ("gone", &Change::Prune)]
+        );
+        let p = plan(&[], false, &obs, &state);
+        assert_eq!(changes(&p)[1], ("gone", &Change::Orphan));
+    }
+
+    #[test]
+    fn a_renamed_key_on_the_same_path_replaces_our_file() {
+        let mut state = State::new();
+        state.files.insert("old".into(), record("/k/a", "sha256:1"));
+        let obs = BTreeMap::from([(PathBuf::from("/k/a"), facts("sha256:1", 0o600))]);
+        let p = plan(&[want("new", "/k/a")], true, &obs, &state);
+        assert_eq!(
+            changes(&p),
+            vec![
+                ("new", &Change::Restore(RestoreReason::Replaced)),
+                ("old", &Change::Forget)
+            ]
+        );
+    }
+
+    /// Carry a plan out the way `reconcile` does, on the in-memory world.
+    fn apply(
+        plan: &Plan,
+        desired: &[Desired],
+        obs: &mut BTreeMap<PathBuf, Observed>,
+        state: &mut State,
+        generation: &mut u32,
+    ) {
+        for action in &plan.actions {
+            let want = desired.iter().find(|d| d.name == action.key);
+            match &action.change {
+                c if c.needs_export() => {
+                    let want = want.unwrap();
+                    *generation += 1;
+                    let sha = format!("sha256:{}-{generation}", want.name);
+                    obs.insert(
+                        want.path.clone(),
+                        Observed::Regular(FileFacts {
+                            mode: want.meta.mode,
+                            uid: want.meta.uid.unwrap_or(0),
+                            gid: want.meta.gid.unwrap_or(0),
+                            sha256: sha.clone(),
+                        }),
+                    );
+                    let mut rec = record("", &sha);
+                    rec.path = want.path.clone();
+                    rec.recipients = want.recipients.clone();
+                    state.files.insert(want.name.clone(), rec);
+                }
+                Change::FixMeta => {
+                    let want = want.unwrap();
+                    if let Some(Observed::Regular(f)) = obs.get_mut(&want.path) {
+                        f.mode = want.meta.mode;
+                        f.uid = want.meta.uid.unwrap_or(f.uid);
+                        f.gid = want.meta.gid.unwrap_or(f.gid);
+                    }
+                }
+                Change::Prune => {
+                    obs.insert(action.path.clone(), Observed::Missing);
+                    state.files.remove(&action.key);
+                }
+                Change::Forget => {
+                    if state
+                        .files
+                        .get(&action.key)
+                        .is_some_and(|r| r.path == action.path)
+                    {
+                        state.files.remove(&action.key);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn arb_observed() -> impl Strategy<Value = Observed> {
+        prop_oneof![
+            Just(Observed::Missing),
+            Just(Observed::Symlink),
+            Just(Observed::NotRegular),
+            (
+                0..3u8,
+                prop_oneof![Just(0o600u32), Just(0o644), Just(0o400)],
+                0..2u32
+            )
+                .prop_map(|(h, mode, uid)| Observed::Regular(FileFacts {
+                    mode,
+                    uid,
+                    gid: uid,
+                    sha256: format!("sha256:{h}"),
+                })),
+        ]
+    }
+
+    fn arb_world() -> impl Strategy<Value = (Vec<Desired>, bool, BTreeMap<PathBuf, Observed>, State)>
+    {
+        let names = ["a", "b", "c", "d"];
+        let paths = ["/k/1", "/k/2", "/k/3", "/k/4", "/k/5"];
+        (
+            proptest::sample::subsequence(names.to_vec(), 0..=4),
+            proptest::sample::subsequence(paths.to_vec(), 5),
+            proptest::collection::vec(
+                (
+                    prop_oneof![Just(0o600u32), Just(0o400)],
+                    proptest::option::of(0..2u32),
+                    proptest::option::of(0..2u8),
+                ),
+                4,
+            ),
+            any::<bool>(),
+            proptest::collection::vec(arb_observed(), 5),
+            proptest::collection::vec(
+                proptest::option::of((0..5usize, 0..3u8, proptest::option::of(0..2u8))),
+                4,
+            ),
+        )
+            .prop_map(
+                move |(names_used, paths, metas, prune, observed, records)| {
+                    let desired: Vec<Desired> = names_used
+                        .iter()
+                        .enumerate()
+                        .map(|(i, n)| Desired {
+                            name: n.to_string(),
+                            path: paths[i].into(),
+                            meta: FileMeta {
+                                mode: metas[i].0,
+                                uid: metas[i].1,
+                                gid: metas[i].1,
+                            },
+                            recipients: metas[i].2.map(|r| format!("sha256:r{r}")),
+                        })
+                        .collect();
+                    let obs: BTreeMap<PathBuf, Observed> = paths
+                        .iter()
+                        .zip(observed)
+                        .map(|(p, o)| (PathBuf::from(p), o))
+                        .collect();
+                    let mut state = State::new();
+                    for (name, rec) in names.iter().zip(records) {
+                        if let Some((p, h, r)) = rec {
+                            let mut fr = record(paths[p], &format!("sha256:{h}"));
+                            fr.recipients = r.map(|r| format!("sha256:r{r}"));
+                            state.files.insert(name.to_string(), fr);
+                        }
+                    }
+                    (desired, prune, obs, state)
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn applying_a_plan_then_planning_again_yields_nothing_to_do(
+            (desired, prune, mut obs, mut state) in arb_world()
+        ) {
+            let first = plan(&desired, prune, &obs, &state);
+            let conflicts_before: Vec<_> = first.conflicts().cloned().collect();
+            let mut generation = 0;
+            apply(&first, &desired, &mut obs, &mut state, &mut generation);
+            let second = plan(&desired, prune, &obs, &state);
+            prop_assert!(!second.has_pending(), "first: {first:?}\nsecond: {second:?}");
+            // Nothing that was not ours became ours, and conflicts stay conflicts.
+            let conflicts_after: Vec<_> = second.conflicts().cloned().collect();
+            prop_assert_eq!(conflicts_before, conflicts_after);
+            prop_assert!(second.actions.iter().all(|a| a.change != Change::Forget));
+        }
+
+        #[test]
+        fn files_not_ours_are_never_touched(
+            (desired, prune, obs, state) in arb_world()
+        ) {
+            let p = plan(&desired, prune, &obs, &state);
+            for action in p.pending() {
+                if let Some(Observed::Regular(f)) = obs.get(&action.path) {
+                    let ours = state.files.values().any(|r| r.path == action.path && r.sha256 == f.sha256)
+                        || state.files.get(&action.key).is_some_and(|r| r.path == action.path);
+                    prop_assert!(ours, "{action:?} would touch a file not ours");
+                }
+            }
+        }
+    }
+}
