@@ -7,7 +7,9 @@
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod encrypt;
+pub mod kps;
 pub mod manifest;
 pub mod observe;
 pub mod plan;

@@ -1,0 +1,1 @@
+//! Placeholder; filled once the archive module lands.

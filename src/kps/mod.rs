@@ -1,0 +1,414 @@
+//! The KPS HTTP client: batch export, single export, list. Retries throttling and server
+//! errors with backoff and jitter (honouring `Retry-After`) within a bounded budget, refreshes
+//! credentials once on a 401, caps every response body, and logs each `X-Request-Id`.
+//!
+//! Invariants: response bodies that can hold keys go straight into zeroizing buffers; no
+//! request or response body is ever logged.
+
+mod error;
+pub mod export;
+
+pub use error::{Class, KpsError};
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode};
+use serde::Deserialize;
+use tokio::sync::Mutex;
+use zeroize::Zeroizing;
+
+use crate::auth::Auth;
+use crate::manifest::{KpsConfig, Settings};
+use crate::secret::{SecretBytes, SecretString};
+
+/// Largest batch the API accepts.
+pub const MAX_BATCH: usize = 10;
+/// Caps on response bodies: a zip of 10 keys is a few KiB.
+const MAX_ZIP_BODY: usize = 4 << 20;
+const MAX_JSON_BODY: usize = 1 << 20;
+
+/// How hard to try before giving up on one request.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included.
+    pub max_attempts: u32,
+    /// First backoff; doubles each time, with full jitter.
+    pub base_delay: Duration,
+    pub max_delay: Duration,
+    /// Stop retrying once this much time has gone by since the first attempt.
+    pub budget: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 6,
+            base_delay: Duration::from_millis(250),
+            max_delay: Duration::from_secs(8),
+            budget: Duration::from_secs(60),
+        }
+    }
+}
+
+/// One key pair from the listing.
+#[derive(Debug, Clone, Deserialize)]
+pub struct KeypairInfo {
+    pub name: String,
+    #[serde(default)]
+    pub public_key: Option<String>,
+    #[serde(default)]
+    pub fingerprint: Option<String>,
+    #[serde(default = "yes")]
+    pub is_key_protection: bool,
+    /// `"0"` or `0` is normal; anything else is frozen.
+    #[serde(default)]
+    pub frozen_state: Option<serde_json::Value>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl KeypairInfo {
+    pub fn is_frozen(&self) -> bool {
+        match &self.frozen_state {
+            None | Some(serde_json::Value::Null) => false,
+            Some(serde_json::Value::String(s)) => s != "0",
+            Some(serde_json::Value::Number(n)) => n.as_u64() != Some(0),
+            Some(_) => true,
+        }
+    }
+}
+
+pub struct KpsClient {
+    http: reqwest::Client,
+    /// `{endpoint}/v3/{project_id}/keypairs`
+    base: String,
+    auth: Arc<Auth>,
+    retry: RetryPolicy,
+    /// `settings.max_rps`: the earliest instant the next request may start.
+    pacer: Option<(Duration, Mutex<Instant>)>,
+}
+
+impl KpsClient {
+    pub fn new(
+        kps: &KpsConfig,
+        settings: &Settings,
+        auth: Arc<Auth>,
+        retry: RetryPolicy,
+    ) -> Result<KpsClient, String> {
+        let mut builder = reqwest::Client::builder()
+            .use_rustls_tls()
+            .user_agent(concat!("kps-sync/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(settings.concurrency.max(1));
+        if let Some(ca_file) = &kps.ca_file {
+            let pem = std::fs::read(ca_file)
+                .map_err(|e| format!("{}: cannot read ca_file: {e}", ca_file.display()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| format!("{}: not a PEM certificate bundle: {e}", ca_file.display()))?;
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder
+            .build()
+            .map_err(|e| format!("cannot set up the HTTP client: {e}"))?;
+        let pacer = settings.max_rps.map(|rps| {
+            (
+                Duration::from_secs_f64(1.0 / rps),
+                Mutex::new(Instant::now()),
+            )
+        });
+        Ok(KpsClient {
+            http,
+            base: format!("{}/v3/{}/keypairs", kps.endpoint, kps.project_id),
+            auth,
+            retry,
+            pacer,
+        })
+    }
+
+    pub fn auth(&self) -> &Auth {
+        &self.auth
+    }
+
+    /// `POST .../private-key/batch-export`: the zip for 1 to 10 names.
+    pub async fn batch_export(&self, names: &[String]) -> Result<SecretBytes, KpsError> {
+        debug_assert!(!names.is_empty() && names.len() <= MAX_BATCH);
+        let body: Vec<serde_json::Value> = names
+            .iter()
+            .map(|n| serde_json::json!({ "keypair": { "name": n } }))
+            .collect();
+        let body = serde_json::to_vec(&body).expect("serializes");
+        self.send(
+            "batch export",
+            Method::POST,
+            "/private-key/batch-export",
+            Some(body),
+            MAX_ZIP_BODY,
+        )
+        .await
+    }
+
+    /// `POST .../private-key/export`: one key as JSON.
+    pub async fn export(&self, name: &str) -> Result<SecretString, KpsError> {
+        #[derive(Deserialize)]
+        struct Answer {
+            keypair: Inner,
+        }
+        #[derive(Deserialize)]
+        struct Inner {
+            private_key: Option<String>,
+        }
+        let body = serde_json::to_vec(&serde_json::json!({ "keypair": { "name": name } }))
+            .expect("serializes");
+        let bytes = self
+            .send(
+                "export",
+                Method::POST,
+                "/private-key/export",
+                Some(body),
+                MAX_JSON_BODY,
+            )
+            .await?;
+        let answer: Answer = serde_json::from_slice(bytes.expose())
+            .map_err(|_| bad_answer("export", "the answer is not the documented JSON"))?;
+        match answer.keypair.private_key {
+            // Moved, not copied, into the zeroizing holder.
+            Some(key) => Ok(SecretString::new(key)),
+            None => Err(bad_answer("export", "the answer has no private_key")),
+        }
+    }
+
+    /// `GET ...?limit=&marker=`, paging until `next_marker` is null.
+    pub async fn list(&self) -> Result<Vec<KeypairInfo>, KpsError> {
+        #[derive(Deserialize)]
+        struct Page {
+            keypairs: Vec<Item>,
+            page_info: Option<PageInfo>,
+        }
+        #[derive(Deserialize)]
+        struct Item {
+            keypair: KeypairInfo,
+        }
+        #[derive(Deserialize)]
+        struct PageInfo {
+            next_marker: Option<String>,
+        }
+        let mut all = Vec::new();
+        let mut marker: Option<String> = None;
+        loop {
+            let query = match &marker {
+                Some(m) => format!("?limit=1000&marker={m}"),
+                None => "?limit=1000".to_owned(),
+            };
+            let bytes = self
+                .send("list", Method::GET, &query, None, MAX_ZIP_BODY)
+                .await?;
+            let page: Page = serde_json::from_slice(bytes.expose())
+                .map_err(|_| bad_answer("list", "the answer is not the documented JSON"))?;
+            let count = page.keypairs.len();
+            all.extend(page.keypairs.into_iter().map(|i| i.keypair));
+            match page.page_info.and_then(|p| p.next_marker) {
+                Some(next) if count > 0 && Some(&next) != marker.as_ref() => marker = Some(next),
+                _ => return Ok(all),
+            }
+        }
+    }
+
+    /// Send with auth, retries and a capped body. Returns the 2xx body.
+    async fn send(
+        &self,
+        operation: &'static str,
+        method: Method,
+        suffix: &str,
+        body: Option<Vec<u8>>,
+        cap: usize,
+    ) -> Result<SecretBytes, KpsError> {
+        let url = format!("{}{}", self.base, suffix);
+        let started = Instant::now();
+        let mut attempt = 0u32;
+        let mut refreshed = false;
+        loop {
+            attempt += 1;
+            self.pace().await;
+            let (err, retry_after) = match self
+                .send_once(operation, &method, &url, body.as_deref(), cap)
+                .await
+            {
+                Ok(bytes) => return Ok(bytes),
+                Err(e) => e,
+            };
+            if err.class == Class::Unauthorized && !refreshed {
+                refreshed = true;
+                tracing::info!(operation, request_id = ?err.request_id, "KPS answered 401; reading the credentials again and retrying once");
+                self.auth.invalidate().await;
+                continue;
+            }
+            if !err.is_retryable() || attempt >= self.retry.max_attempts {
+                return Err(err);
+            }
+            let delay = self.backoff(attempt, err.class, retry_after);
+            if started.elapsed() + delay > self.retry.budget {
+                return Err(err);
+            }
+            tracing::warn!(operation, attempt, code = %err.code_label(), request_id = ?err.request_id, delay_ms = delay.as_millis() as u64, "KPS call failed; retrying");
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    async fn send_once(
+        &self,
+        operation: &'static str,
+        method: &Method,
+        url: &str,
+        body: Option<&[u8]>,
+        cap: usize,
+    ) -> Result<SecretBytes, (KpsError, Option<Duration>)> {
+        let mut builder = self.http.request(method.clone(), url);
+        builder = builder.header(
+            reqwest::header::CONTENT_TYPE,
+            "application/json;charset=utf-8",
+        );
+        if let Some(body) = body {
+            builder = builder.body(body.to_vec());
+        }
+        let mut request = builder
+            .build()
+            .map_err(|e| (KpsError::transport(operation, &e), None))?;
+        self.auth.apply(&mut request).await.map_err(|e| {
+            (
+                KpsError {
+                    class: Class::Permanent,
+                    operation,
+                    status: None,
+                    code: Some("auth".into()),
+                    message: e.to_string(),
+                    request_id: None,
+                },
+                None,
+            )
+        })?;
+        let mut response = self
+            .http
+            .execute(request)
+            .await
+            .map_err(|e| (KpsError::transport(operation, &e), None))?;
+        let status = response.status();
+        let request_id = response
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        tracing::debug!(operation, status = status.as_u16(), request_id = ?request_id, "KPS answered");
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(|s| Duration::from_secs(s.min(60)));
+        let body = read_capped(&mut response, cap).await.map_err(|e| match e {
+            ReadError::TooLarge => (
+                KpsError {
+                    class: Class::Permanent,
+                    operation,
+                    status: Some(status.as_u16()),
+                    code: None,
+                    message: format!("the answer is larger than {cap} bytes; refusing it"),
+                    request_id: request_id.clone(),
+                },
+                None,
+            ),
+            ReadError::Http(e) => (KpsError::transport(operation, &e), None),
+        })?;
+        if status.is_success() {
+            return Ok(body);
+        }
+        let err = KpsError::from_response(operation, status.as_u16(), body.expose(), request_id);
+        let retry_after =
+            if status == StatusCode::TOO_MANY_REQUESTS || err.class == Class::Throttled {
+                retry_after
+            } else {
+                None
+            };
+        Err((err, retry_after))
+    }
+
+    fn backoff(&self, attempt: u32, class: Class, retry_after: Option<Duration>) -> Duration {
+        if class == Class::Throttled {
+            // Retry-After as asked, else 2 to 5 s; jitter spreads a fleet's retries.
+            let base = retry_after.unwrap_or(Duration::from_secs(2));
+            let jitter = if retry_after.is_some() { 500 } else { 3000 };
+            return base + Duration::from_millis(fastrand::u64(0..=jitter));
+        }
+        let exp = self
+            .retry
+            .base_delay
+            .saturating_mul(1 << (attempt - 1).min(16))
+            .min(self.retry.max_delay);
+        // Full jitter, never below a tenth of the step.
+        let floor = exp.as_millis() as u64 / 10;
+        Duration::from_millis(fastrand::u64(floor..=exp.as_millis() as u64))
+    }
+
+    async fn pace(&self) {
+        if let Some((step, next)) = &self.pacer {
+            let wait = {
+                let mut next = next.lock().await;
+                let now = Instant::now();
+                let start = (*next).max(now);
+                *next = start + *step;
+                start - now
+            };
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+fn bad_answer(operation: &'static str, what: &str) -> KpsError {
+    KpsError {
+        class: Class::Permanent,
+        operation,
+        status: Some(200),
+        code: None,
+        message: what.to_owned(),
+        request_id: None,
+    }
+}
+
+enum ReadError {
+    TooLarge,
+    Http(reqwest::Error),
+}
+
+/// Read the body into a zeroizing buffer, refusing more than `cap` bytes. Growth copies into a
+/// fresh zeroizing buffer so no stale copy of a key is left in freed memory by us.
+async fn read_capped(
+    response: &mut reqwest::Response,
+    cap: usize,
+) -> Result<SecretBytes, ReadError> {
+    let hint = response.content_length().unwrap_or(0) as usize;
+    if hint > cap {
+        return Err(ReadError::TooLarge);
+    }
+    let mut buf = Zeroizing::new(Vec::with_capacity(hint.max(4096)));
+    while let Some(chunk) = response.chunk().await.map_err(ReadError::Http)? {
+        if buf.len() + chunk.len() > cap {
+            return Err(ReadError::TooLarge);
+        }
+        if buf.capacity() < buf.len() + chunk.len() {
+            let mut bigger = Zeroizing::new(Vec::with_capacity(
+                (buf.len() + chunk.len()).max(buf.capacity() * 2),
+            ));
+            bigger.extend_from_slice(&buf);
+            buf = bigger;
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(SecretBytes::new(std::mem::take(&mut *buf)))
+}
