@@ -7,12 +7,19 @@
 
 #![forbid(unsafe_code)]
 
+pub mod archive;
 pub mod auth;
+pub mod commands;
+pub mod daemon;
 pub mod encrypt;
+pub mod hooks;
+pub mod keycheck;
 pub mod kps;
+pub mod logging;
 pub mod manifest;
 pub mod observe;
 pub mod plan;
+pub mod reconcile;
 pub mod secret;
 pub mod state;
 pub mod write;

@@ -1,1 +1,83 @@
-fn main() {}
+//! The `kps-sync` binary: parse the command line, set up logging, call the library, exit.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use kps_sync::commands;
+
+/// Keep SSH private keys from Huawei Cloud KPS on this host, exactly where a manifest says.
+#[derive(Parser)]
+#[command(name = "kps-sync", version)]
+struct Cli {
+    /// Manifest path [default: $KPS_SYNC_MANIFEST, then /etc/kps-sync/manifest.yaml]
+    #[arg(short = 'm', long = "manifest", global = true)]
+    manifest: Option<PathBuf>,
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Log level or filter (error, warn, info, debug, trace); RUST_LOG works too.
+    #[arg(long, global = true)]
+    log_level: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// One pass, then exit: export what is missing, fix what drifted, run hooks.
+    Reconcile {
+        /// Wait a random time up to this long first (e.g. 5m), so a fleet spreads its calls.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        splay: Option<Duration>,
+    },
+    /// The daemon: a first pass, then watch and reconcile until SIGTERM.
+    Run,
+    /// Print what a pass would do; writes nothing, exports nothing.
+    Plan {
+        /// Exit 0 when nothing is to do, 2 when changes are pending, 1 on error.
+        #[arg(long)]
+        detailed_exitcode: bool,
+    },
+    /// Check the manifest and the credentials' presence; touches no network.
+    Validate,
+    /// What is managed, when each file was written, the last error per key.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = if matches!(cli.command, Command::Run) { "info" } else { "warn" };
+    kps_sync::logging::init(
+        matches!(cli.log_format, LogFormat::Json),
+        cli.log_level.as_deref(),
+        default_level,
+    );
+    let manifest = cli.manifest.unwrap_or_else(kps_sync::manifest::default_path);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let code = runtime.block_on(async {
+        match cli.command {
+            Command::Reconcile { splay } => commands::reconcile(&manifest, splay).await,
+            Command::Run => kps_sync::daemon::run(&manifest).await,
+            Command::Plan { detailed_exitcode } => commands::plan(&manifest, detailed_exitcode).await,
+            Command::Validate => commands::validate(&manifest),
+            Command::Status { json } => commands::status(&manifest, json).await,
+        }
+    });
+    ExitCode::from(code)
+}

@@ -451,14 +451,13 @@ mod tests {
                     obs.insert(action.path.clone(), Observed::Missing);
                     state.files.remove(&action.key);
                 }
-                Change::Forget => {
+                Change::Forget
                     if state
                         .files
                         .get(&action.key)
-                        .is_some_and(|r| r.path == action.path)
-                    {
-                        state.files.remove(&action.key);
-                    }
+                        .is_some_and(|r| r.path == action.path) =>
+                {
+                    state.files.remove(&action.key);
                 }
                 _ => {}
             }

@@ -146,3 +146,57 @@ pub fn read_secret_file(source: &Source, path: &Path) -> Result<SecretString, Au
     }
     Ok(SecretString::new(trimmed.to_owned()))
 }
+
+/// A finding of `validate` about a credential file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileCheck {
+    Warning(String),
+    Error(String),
+}
+
+impl Auth {
+    /// Check the files this source reads: present, readable, and not readable by group or
+    /// others. Reads no secret into memory beyond opening the file.
+    pub fn check_files(&self) -> Vec<FileCheck> {
+        self.files().iter().flat_map(|p| check_secret_file(p)).collect()
+    }
+
+    fn files(&self) -> Vec<PathBuf> {
+        match &self.source {
+            Source::TokenFile(p) => vec![p.clone()],
+            Source::TokenEnv => vec![],
+        }
+    }
+}
+
+/// Present, a regular file, readable, and private to its owner.
+pub fn check_secret_file(path: &Path) -> Vec<FileCheck> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) => {
+            return vec![FileCheck::Error(format!(
+                "{}: {e}; create it or fix the path in the manifest",
+                path.display()
+            ))];
+        }
+    };
+    if !meta.is_file() {
+        return vec![FileCheck::Error(format!("{}: not a regular file", path.display()))];
+    }
+    if let Err(e) = std::fs::File::open(path) {
+        return vec![FileCheck::Error(format!(
+            "{}: cannot be read by kps-sync: {e}",
+            path.display()
+        ))];
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return vec![FileCheck::Warning(format!(
+            "{}: mode {mode:04o} lets group or others read it; run `chmod 0600 {}`",
+            path.display(),
+            path.display()
+        ))];
+    }
+    vec![]
+}

@@ -1,0 +1,268 @@
+//! The commands behind the binary. Each takes validated arguments, prints what an operator
+//! reads, and returns the exit code from the design: 0 all in place, 1 some key failed or KPS
+//! unreachable, 2 the command line or the manifest is invalid (nothing attempted).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::auth::Auth;
+use crate::kps::{KpsClient, RetryPolicy};
+use crate::manifest::{self, Manifest};
+use crate::plan::Change;
+use crate::reconcile::{self, PassOptions, PassReport};
+use crate::state::{self, State};
+
+pub const EXIT_OK: u8 = 0;
+pub const EXIT_FAILED: u8 = 1;
+pub const EXIT_INVALID: u8 = 2;
+
+/// How long a one-shot `reconcile` waits for the lock held by a daemon or another run.
+pub const LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// Load the manifest or print why not.
+pub fn load_manifest(path: &Path) -> Result<Manifest, u8> {
+    manifest::load(path).map_err(|e| {
+        eprintln!("error: {e}");
+        EXIT_INVALID
+    })
+}
+
+fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// Resolve the auth source and build the client, or print why not.
+pub fn client_for(manifest: &Manifest) -> Result<Arc<KpsClient>, u8> {
+    let auth = Auth::resolve(&manifest.kps.auth, &env_var).map_err(|e| {
+        eprintln!("error: {e}");
+        EXIT_INVALID
+    })?;
+    tracing::info!(source = %auth.source(), endpoint = %manifest.kps.endpoint, "using KPS credentials");
+    KpsClient::new(&manifest.kps, &manifest.settings, Arc::new(auth), RetryPolicy::default())
+        .map(Arc::new)
+        .map_err(|e| {
+            eprintln!("error: {e}");
+            EXIT_INVALID
+        })
+}
+
+/// `kps-sync reconcile`: one pass, then exit.
+pub async fn reconcile(manifest_path: &Path, splay: Option<Duration>) -> u8 {
+    let manifest = match load_manifest(manifest_path) {
+        Ok(m) => m,
+        Err(code) => return code,
+    };
+    let client = match client_for(&manifest) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if let Some(splay) = splay.filter(|s| !s.is_zero()) {
+        let delay = Duration::from_millis(fastrand::u64(0..=splay.as_millis() as u64));
+        tracing::info!(delay_ms = delay.as_millis() as u64, "splay: waiting before the pass");
+        tokio::time::sleep(delay).await;
+    }
+    let state_dir = manifest.settings.state_dir.clone();
+    let lock = match tokio::task::spawn_blocking(move || state::lock(&state_dir, LOCK_WAIT)).await {
+        Ok(Ok(lock)) => lock,
+        Ok(Err(e)) => {
+            eprintln!("error: {e}");
+            return EXIT_FAILED;
+        }
+        Err(_) => return EXIT_FAILED,
+    };
+    let result = reconcile::reconcile_once(&manifest, &client, &PassOptions::default()).await;
+    drop(lock);
+    match result {
+        Ok(report) => {
+            print_report(&report);
+            if report.is_success() { EXIT_OK } else { EXIT_FAILED }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            EXIT_FAILED
+        }
+    }
+}
+
+/// Print what a pass did: one line per change on stdout, one line per failure on stderr.
+pub fn print_report(report: &PassReport) {
+    let mut out = std::io::stdout().lock();
+    for o in &report.outcomes {
+        if o.change.is_pending() && o.result.is_ok() {
+            let _ = writeln!(out, "{:<11} {}  {}", past_tense(&o.change), o.key, o.path.display());
+        }
+    }
+    let _ = writeln!(
+        out,
+        "{} managed, {} in place, {} failed",
+        report.managed, report.in_place, report.failed
+    );
+    drop(out);
+    for o in &report.outcomes {
+        if let Err(f) = &o.result {
+            eprintln!("error: key {} ({}): {}: {}", o.key, o.path.display(), f.code, f.message);
+        }
+    }
+    for h in &report.hook_failures {
+        eprintln!("error: {h}");
+    }
+}
+
+fn past_tense(change: &Change) -> &'static str {
+    match change {
+        Change::Create => "created",
+        Change::Restore(_) => "restored",
+        Change::FixMeta => "fixed-meta",
+        Change::ReEncrypt => "re-encrypted",
+        Change::Prune => "pruned",
+        other => other.word(),
+    }
+}
+
+/// `kps-sync plan`: what a pass would do; writes nothing, exports nothing.
+pub async fn plan(manifest_path: &Path, detailed_exitcode: bool) -> u8 {
+    let manifest = match load_manifest(manifest_path) {
+        Ok(m) => m,
+        Err(code) => return if detailed_exitcode { EXIT_FAILED } else { code },
+    };
+    let plan = match reconcile::compute_plan(&manifest).await {
+        Ok((plan, _)) => plan,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_FAILED;
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    for a in &plan.actions {
+        if a.change != Change::Forget {
+            let _ = writeln!(out, "{:<11} {}  {}", a.change.word(), a.key, a.path.display());
+        }
+    }
+    let pending = plan.pending().count();
+    let conflicts = plan.conflicts().count();
+    let _ = writeln!(
+        out,
+        "{pending} to change, {} in place, {conflicts} in conflict",
+        plan.actions.iter().filter(|a| a.change == Change::Keep).count()
+    );
+    drop(out);
+    for a in plan.conflicts() {
+        eprintln!("warning: key {} ({}): {}", a.key, a.path.display(), a.change);
+    }
+    match (detailed_exitcode, pending > 0) {
+        (true, true) => 2,
+        _ => EXIT_OK,
+    }
+}
+
+/// `kps-sync validate`: the manifest and the credentials' presence; no network.
+pub fn validate(manifest_path: &Path) -> u8 {
+    let manifest = match load_manifest(manifest_path) {
+        Ok(m) => m,
+        Err(code) => return code,
+    };
+    let auth = match Auth::resolve(&manifest.kps.auth, &env_var) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_INVALID;
+        }
+    };
+    println!("manifest {}: ok, {} keys", manifest.path.display(), manifest.keys.len());
+    println!("endpoint {}", manifest.kps.endpoint);
+    println!("auth: {}", auth.source());
+    let mut code = EXIT_OK;
+    for problem in auth.check_files() {
+        match problem {
+            crate::auth::FileCheck::Warning(w) => eprintln!("warning: {w}"),
+            crate::auth::FileCheck::Error(e) => {
+                eprintln!("error: {e}");
+                code = EXIT_INVALID;
+            }
+        }
+    }
+    code
+}
+
+/// `kps-sync status`: what is managed, when each file was written, last error per key.
+pub async fn status(manifest_path: &Path, json: bool) -> u8 {
+    let manifest = match load_manifest(manifest_path) {
+        Ok(m) => m,
+        Err(code) => return code,
+    };
+    let (plan, state) = match reconcile::compute_plan(&manifest).await {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_FAILED;
+        }
+    };
+    let rows: Vec<StatusRow> = manifest
+        .keys
+        .iter()
+        .map(|k| {
+            let record = state.files.get(&k.name).filter(|r| r.path == k.path);
+            let change = plan
+                .actions
+                .iter()
+                .find(|a| a.key == k.name && a.path == k.path)
+                .map(|a| a.change.word())
+                .unwrap_or("keep");
+            StatusRow {
+                key: k.name.clone(),
+                path: k.path.clone(),
+                state: if change == "keep" { "in-place" } else { change }.to_owned(),
+                written_at: record.map(|r| r.written_at.clone()),
+                encrypted: k.encryption.is_some(),
+                last_error: state.errors.get(&k.name).map(|e| format!("{} ({})", e.message, e.at)),
+            }
+        })
+        .collect();
+    if json {
+        let doc = serde_json::json!({
+            "manifest": manifest.path,
+            "state_dir": manifest.settings.state_dir,
+            "last_pass": state.last_pass,
+            "keys": rows,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc).expect("serializes"));
+    } else {
+        print_status(&rows, &state);
+    }
+    EXIT_OK
+}
+
+#[derive(serde::Serialize)]
+struct StatusRow {
+    key: String,
+    path: PathBuf,
+    state: String,
+    written_at: Option<String>,
+    encrypted: bool,
+    last_error: Option<String>,
+}
+
+fn print_status(rows: &[StatusRow], state: &State) {
+    match &state.last_pass {
+        Some(p) => println!(
+            "last pass {}: {} managed, {} in place, {} failed",
+            p.at, p.managed, p.in_place, p.failed
+        ),
+        None => println!("no pass recorded yet"),
+    }
+    for r in rows {
+        println!(
+            "{:<10} {}  {}  written {}{}",
+            r.state,
+            r.key,
+            r.path.display(),
+            r.written_at.as_deref().unwrap_or("never"),
+            if r.encrypted { "  (age)" } else { "" }
+        );
+        if let Some(e) = &r.last_error {
+            println!("           last error: {e}");
+        }
+    }
+}
