@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod encrypt;
 pub mod manifest;
 pub mod secret;
