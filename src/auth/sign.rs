@@ -389,7 +389,11 @@ content-type;host;x-project-id;x-sdk-date
 3fcc41142aa3053b64cbe11adae8889ff9fc26a7fd38dbee7cd9ea0961c6df43";
         assert_eq!(canonical, expected);
         assert_eq!(
-            signature(&canonical, "20261125T093000Z", &SecretString::new(SK.into())),
+            signature(
+                &canonical,
+                "20261125T093000Z",
+                &SecretString::new(SK.into())
+            ),
             "24d9f5931c991a66a9d34fc16290a88bb63378e66b7883ab5cce41bb2cb64d81"
         );
     }
@@ -614,9 +618,15 @@ content-type;host;x-project-id;x-sdk-date
 
     #[test]
     fn default_ports_are_left_out_of_host() {
-        assert_eq!(host_header(&url("https://kms.example:443/x")), "kms.example");
+        assert_eq!(
+            host_header(&url("https://kms.example:443/x")),
+            "kms.example"
+        );
         assert_eq!(host_header(&url("http://kms.example:80/x")), "kms.example");
-        assert_eq!(host_header(&url("https://kms.example:80/x")), "kms.example:80");
+        assert_eq!(
+            host_header(&url("https://kms.example:80/x")),
+            "kms.example:80"
+        );
         assert_eq!(host_header(&url("http://[::1]:8080/x")), "[::1]:8080");
     }
 
@@ -656,6 +666,28 @@ content-type;host;x-project-id;x-sdk-date
         assert_eq!(
             sdk_date(UNIX_EPOCH - Duration::from_secs(5)),
             "19700101T000000Z"
+        );
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "adds Host, X-Sdk-Date")]
+    fn passing_a_header_sign_adds_is_caught_in_debug_builds() {
+        let sk = SecretString::new(SK.into());
+        let key = SigningKey {
+            ak: AK,
+            sk: &sk,
+            security_token: None,
+        };
+        let u = url(KMS);
+        sign(
+            "GET",
+            &u,
+            &[("host", "evil")],
+            b"",
+            None,
+            &key,
+            vector_date(),
         );
     }
 
@@ -703,11 +735,7 @@ content-type;host;x-project-id;x-sdk-date
             .append_pair("limit", "5");
         let canonical = canonical_query(&u);
         u.set_query(Some(&canonical));
-        reqwest::Client::new()
-            .get(u.clone())
-            .send()
-            .await
-            .unwrap();
+        reqwest::Client::new().get(u.clone()).send().await.unwrap();
         let head = server.await.unwrap();
 
         let request_line = head.lines().next().unwrap();
