@@ -11,9 +11,10 @@
 //!
 //! One deliberate difference from the SDK: for a non-empty body whose `Content-Type` is neither
 //! JSON nor BSON, the SDK sends `X-Sdk-Content-Sha256: UNSIGNED-PAYLOAD` and leaves the body out
-//! of the signature. We always sign the body hash, which the gateway verifies the same way (it
-//! uses that header only when present), so no body can be swapped under a valid signature. Every
-//! request kps-sync makes is JSON or bodiless, where the two agree byte for byte.
+//! of the signature. We always sign the body hash, so no body can be swapped under a valid
+//! signature; the gateway's standard check hashes the body when that header is absent (not
+//! verified against the live service). Every request kps-sync makes is JSON or bodiless, where
+//! the two agree byte for byte.
 
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
