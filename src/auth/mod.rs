@@ -6,6 +6,9 @@
 //! source (a path, a variable) but never a value; credentials are re-read at the start of every
 //! pass (`begin_pass`) and once after a 401 (`invalidate`), so rotating a file just works.
 
+pub mod sign;
+pub mod sources;
+
 use std::path::{Path, PathBuf};
 
 use tokio::sync::Mutex;
