@@ -20,6 +20,8 @@ pub mod manifest;
 pub mod observe;
 pub mod plan;
 pub mod reconcile;
+pub mod sdnotify;
 pub mod secret;
 pub mod state;
+pub mod watch;
 pub mod write;
