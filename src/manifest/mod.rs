@@ -1,6 +1,133 @@
 //! The manifest: YAML in, a validated [`Manifest`] out, or an error naming the file, the line
 //! and column, and what to write instead.
+//!
+//! Parse, then validate, in three passes over the text:
+//! 1. `dupkeys`: every mapping at every depth is checked for a repeated key (serde_yaml would
+//!    keep the last one silently); YAML syntax errors surface here too.
+//! 2. `raw`: serde structs with `deny_unknown_fields`; type errors and unknown fields stop here,
+//!    with serde_yaml's location.
+//! 3. `validate`: every rule, all violations collected, each located with `locate`.
+//!
+//! Paths in the manifest: relative paths resolve against the manifest's folder (the manifest
+//! path made absolute first). A path that starts with `$CREDENTIALS_DIRECTORY/` or
+//! `${CREDENTIALS_DIRECTORY}/` takes that prefix from the environment (systemd sets it for a
+//! unit with `LoadCredential=`); loading fails when it is unset. No other `$VAR` or `~` is
+//! expanded: such a path is refused rather than taken literally.
 
+mod dupkeys;
+mod duration;
+mod error;
+mod locate;
 mod model;
+mod raw;
+mod validate;
 
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+pub use error::{Location, ManifestError, Problem};
 pub use model::*;
+
+/// Where the manifest is when the command line does not say.
+pub const DEFAULT_PATH: &str = "/etc/kps-sync/manifest.yaml";
+
+/// The environment variable that overrides [`DEFAULT_PATH`].
+pub const PATH_ENV: &str = "KPS_SYNC_MANIFEST";
+
+/// `$KPS_SYNC_MANIFEST` if set and not empty, else `/etc/kps-sync/manifest.yaml`.
+pub fn default_path() -> PathBuf {
+    default_path_from(std::env::var_os(PATH_ENV))
+}
+
+fn default_path_from(env: Option<OsString>) -> PathBuf {
+    match env {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from(DEFAULT_PATH),
+    }
+}
+
+/// Read and validate the manifest at `path`.
+pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
+    let path = absolute(path);
+    let text = std::fs::read(&path)
+        .and_then(|bytes| {
+            String::from_utf8(bytes).map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::InvalidData, "it is not UTF-8 text")
+            })
+        })
+        .map_err(|cause| {
+            let hint = match cause.kind() {
+                std::io::ErrorKind::NotFound => {
+                    "create it, or point `-m/--manifest` or $KPS_SYNC_MANIFEST at yours"
+                }
+                std::io::ErrorKind::PermissionDenied => {
+                    "run kps-sync as a user that can read it (usually root), or fix the file's \
+                     permissions"
+                }
+                std::io::ErrorKind::IsADirectory => "point at the manifest file, not a folder",
+                std::io::ErrorKind::InvalidData => "save it as UTF-8 YAML",
+                _ => "check that the path names a readable YAML file",
+            };
+            ManifestError::Read {
+                path: path.clone(),
+                cause,
+                hint,
+            }
+        })?;
+    load_text(&text, &path, &|name| std::env::var_os(name), &validate::SystemAccounts)
+}
+
+/// Validate manifest text. `path` names it in messages and anchors relative paths; it need not
+/// exist.
+pub fn load_str(text: &str, path: &Path) -> Result<Manifest, ManifestError> {
+    load_text(
+        text,
+        &absolute(path),
+        &|name| std::env::var_os(name),
+        &validate::SystemAccounts,
+    )
+}
+
+fn load_text(
+    text: &str,
+    path: &Path,
+    env: &dyn Fn(&str) -> Option<OsString>,
+    accounts: &dyn validate::Accounts,
+) -> Result<Manifest, ManifestError> {
+    let invalid = |problems: Vec<Problem>| ManifestError::Invalid {
+        path: path.to_path_buf(),
+        problems,
+    };
+    if text.trim().is_empty() {
+        return Err(invalid(vec![Problem {
+            location: Some(Location { line: 1, column: 1 }),
+            message: "the manifest is empty: it needs at least `version: 1`, `kps:` and `keys:`"
+                .into(),
+        }]));
+    }
+    dupkeys::check(text).map_err(|p| invalid(vec![p]))?;
+    let raw: raw::RawManifest =
+        serde_yaml::from_str(text).map_err(|e| invalid(vec![error::raw_error_problem(&e)]))?;
+    let ctx = validate::Context {
+        manifest: path,
+        env,
+        accounts,
+    };
+    validate::validate(raw, text, &ctx).map_err(invalid)
+}
+
+/// The path made absolute against the current folder, `.` and `..` removed, so messages and
+/// relative paths do not depend on where the process started later.
+fn absolute(path: &Path) -> PathBuf {
+    let joined = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map(|d| d.join(path))
+            .unwrap_or_else(|_| path.to_path_buf())
+    };
+    validate::normalize(&joined)
+}
+
+#[cfg(test)]
+mod tests;
