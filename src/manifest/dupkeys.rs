@@ -180,18 +180,23 @@ struct Key<'a, 'b> {
 impl<'de> DeserializeSeed<'de> for Key<'_, '_> {
     type Value = Option<String>;
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        // The error must come out of this very call for serde_yaml to stamp the key's mark.
-        let key = d.deserialize_any(KeyText)?;
-        if let Some(k) = &key
-            && !self.seen.insert(k.clone())
-        {
-            *self.found.borrow_mut() = Some(Duplicate {
-                mapping: self.mapping.to_vec(),
-                key: k.clone(),
-            });
-            return Err(de::Error::custom(format!("duplicate key `{k}`")));
-        }
-        Ok(key)
+        let Key {
+            seen,
+            mapping,
+            found,
+        } = self;
+        d.deserialize_any(KeyText(|key: Option<String>| {
+            if let Some(k) = &key
+                && !seen.insert(k.clone())
+            {
+                *found.borrow_mut() = Some(Duplicate {
+                    mapping: mapping.to_vec(),
+                    key: k.clone(),
+                });
+                return Err(format!("duplicate key `{k}`"));
+            }
+            Ok(key)
+        }))
     }
 }
 

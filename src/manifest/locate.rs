@@ -50,7 +50,8 @@ pub(super) fn locate(text: &str, path: &[Seg], target: Target) -> Option<Locatio
     let err = probe
         .deserialize(serde_yaml::Deserializer::from_str(text))
         .err()?;
-    if !err.to_string().starts_with(SENTINEL) {
+    // serde_yaml puts the dotted path in front of the message.
+    if !err.to_string().contains(SENTINEL) {
         return None;
     }
     err.location().map(|l| Location {
@@ -193,57 +194,64 @@ struct KeyProbe<'p> {
 impl<'de> DeserializeSeed<'de> for KeyProbe<'_> {
     type Value = bool;
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
-        d.deserialize_any(KeyText).and_then(|text| {
+        d.deserialize_any(KeyText(|text: Option<String>| {
             let matched = matches!((self.want, &text), (Some(w), Some(t)) if w == t);
             if matched && self.fail_on_match {
-                Err(hit())
+                Err(SENTINEL.to_string())
             } else {
                 Ok(matched)
             }
-        })
+        }))
     }
 }
 
-/// A mapping key as the text serde sees (numbers and booleans as written by `to_string`);
-/// `None` for a key that is not a scalar.
-pub(super) struct KeyText;
+/// Reads a mapping key as the text serde sees (numbers and booleans by `to_string`; `None` for
+/// a key that is not a scalar) and hands it to `check` *inside* the visit, so that an error
+/// `check` returns is stamped by serde_yaml with the key's own line and column.
+pub(super) struct KeyText<F>(pub F);
 
-impl<'de> Visitor<'de> for KeyText {
-    type Value = Option<String>;
+impl<'de, T, F: FnOnce(Option<String>) -> Result<T, String>> KeyText<F> {
+    fn done<E: de::Error>(self, text: Option<String>) -> Result<T, E> {
+        (self.0)(text).map_err(E::custom)
+    }
+}
+
+impl<'de, T, F: FnOnce(Option<String>) -> Result<T, String>> Visitor<'de> for KeyText<F> {
+    type Value = T;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a mapping key")
     }
-    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
-        Ok(Some(v.to_string()))
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<T, E> {
+        self.done(Some(v.to_string()))
     }
-    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
-        Ok(Some(v.to_string()))
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<T, E> {
+        self.done(Some(v.to_string()))
     }
-    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
-        Ok(Some(v.to_string()))
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<T, E> {
+        self.done(Some(v.to_string()))
     }
-    fn visit_i128<E: de::Error>(self, v: i128) -> Result<Self::Value, E> {
-        Ok(Some(v.to_string()))
+    fn visit_i128<E: de::Error>(self, v: i128) -> Result<T, E> {
+        self.done(Some(v.to_string()))
     }
-    fn visit_u128<E: de::Error>(self, v: u128) -> Result<Self::Value, E> {
-        Ok(Some(v.to_string()))
+    fn visit_u128<E: de::Error>(self, v: u128) -> Result<T, E> {
+        self.done(Some(v.to_string()))
     }
-    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
-        Ok(Some(v.to_string()))
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<T, E> {
+        self.done(Some(v.to_string()))
     }
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-        Ok(Some(v.to_string()))
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
+        self.done(Some(v.to_string()))
     }
-    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(Some("null".into()))
+    fn visit_unit<E: de::Error>(self) -> Result<T, E> {
+        self.done(Some("null".into()))
     }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<T, A::Error> {
         while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(None)
+        self.done(None)
     }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<T, A::Error> {
         while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(None)
+        self.done(None)
     }
 }
 
@@ -359,7 +367,10 @@ keys:
     fn locate_returns_none_for_missing_paths() {
         assert_eq!(locate(DOC, &path(&["keys", "zz"]), Target::Key), None);
         assert_eq!(locate(DOC, &path(&["version", "x"]), Target::Value), None);
-        assert_eq!(locate("a: [", &path(&["a"]), Target::Key), None);
+        // Broken YAML: the probe sees the events before the break, then fails with the parse
+        // error, which is not a hit.
+        assert_eq!(locate("a: [", &path(&["b"]), Target::Key), None);
+        assert_eq!(locate("a: [", &path(&["a"]), Target::Key), loc(1, 1));
     }
 
     #[test]

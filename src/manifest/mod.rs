@@ -98,7 +98,11 @@ fn load_text(
         path: path.to_path_buf(),
         problems,
     };
-    if text.trim().is_empty() {
+    let blank = text.lines().all(|l| {
+        let l = l.trim();
+        l.is_empty() || l.starts_with('#') || l == "---" || l == "..."
+    });
+    if blank {
         return Err(invalid(vec![Problem {
             location: Some(Location { line: 1, column: 1 }),
             message: "the manifest is empty: it needs at least `version: 1`, `kps:` and `keys:`"

@@ -272,36 +272,31 @@ impl Checker<'_> {
 
     fn auth(&mut self, auth: RawAuth, region: Option<&str>) -> Option<AuthConfig> {
         let at = |k: &str| path(&["kps", "auth", k]);
-        // The methods written, each by the field that names it, in manifest order of fields.
-        let mut methods: Vec<&str> = Vec::new();
-        if auth.token_file.is_some() {
-            methods.push("token_file");
-        }
-        if let Some(first) = [
+        // The methods written, each named by the field that selects it. AK/SK takes up to three
+        // fields: it is named by the one written first.
+        let mut methods: Vec<(Option<Location>, &str)> = Vec::new();
+        let mut add = |names: &[(&'static str, bool)]| {
+            let first = names
+                .iter()
+                .filter(|(_, given)| *given)
+                .map(|(name, _)| (locate(self.text, &at(name), Target::Key), *name))
+                .min();
+            methods.extend(first);
+        };
+        add(&[("token_file", auth.token_file.is_some())]);
+        add(&[
             ("access_key_file", auth.access_key_file.is_some()),
             ("secret_key_file", auth.secret_key_file.is_some()),
             ("security_token_file", auth.security_token_file.is_some()),
-        ]
-        .iter()
-        .find(|(_, given)| *given)
-        {
-            methods.push(first.0);
-        }
-        if auth.iam.is_given() {
-            methods.push("iam");
-        }
-        if auth.ecs_metadata.is_given() {
-            methods.push("ecs_metadata");
-        }
+        ]);
+        add(&[("iam", auth.iam.is_given())]);
+        add(&[("ecs_metadata", auth.ecs_metadata.is_given())]);
+        methods.sort();
+        let methods: Vec<&str> = methods.into_iter().map(|(_, name)| name).collect();
         if methods.len() > 1 {
-            // Point at the method written last: that is the one most likely added by mistake.
-            let mut located: Vec<(Option<Location>, &str)> = methods
-                .iter()
-                .map(|m| (locate(self.text, &at(m), Target::Key), *m))
-                .collect();
-            located.sort();
-            let names: Vec<String> = located.iter().map(|(_, m)| format!("`{m}`")).collect();
-            let last = located.last().map(|(_, m)| *m).unwrap_or("auth");
+            let names: Vec<String> = methods.iter().map(|m| format!("`{m}`")).collect();
+            // Point at the method written last: most likely the one added by mistake.
+            let last = methods[methods.len() - 1];
             self.problem(
                 at(last),
                 Target::Key,
