@@ -217,8 +217,17 @@ mod tests {
     fn duplicate_at_top_level() {
         let p = problem("version: 1\nkeys: {}\nversion: 1\n");
         assert_eq!(p.location, Some(Location { line: 3, column: 1 }));
-        assert!(p.message.contains("duplicate key `version` at the top level"), "{}", p.message);
-        assert!(p.message.contains("first at line 1, column 1"), "{}", p.message);
+        assert!(
+            p.message
+                .contains("duplicate key `version` at the top level"),
+            "{}",
+            p.message
+        );
+        assert!(
+            p.message.contains("first at line 1, column 1"),
+            "{}",
+            p.message
+        );
     }
 
     #[test]
@@ -226,7 +235,11 @@ mod tests {
         let p = problem("keys:\n  a: /x\n  b: /y\n  a: /z\n");
         assert_eq!(p.location, Some(Location { line: 4, column: 3 }));
         assert!(p.message.contains("`a` in `keys`"), "{}", p.message);
-        assert!(p.message.contains("first at line 2, column 3"), "{}", p.message);
+        assert!(
+            p.message.contains("first at line 2, column 3"),
+            "{}",
+            p.message
+        );
     }
 
     #[test]
@@ -234,15 +247,29 @@ mod tests {
         let p = problem("keys:\n  a:\n    path: /x\n    mode: \"0600\"\n    path: /y\n");
         assert_eq!(p.location, Some(Location { line: 5, column: 5 }));
         assert!(p.message.contains("`path` in `keys.a`"), "{}", p.message);
-        assert!(p.message.contains("first at line 3, column 5"), "{}", p.message);
+        assert!(
+            p.message.contains("first at line 3, column 5"),
+            "{}",
+            p.message
+        );
     }
 
     #[test]
     fn duplicate_inside_a_sequence_item_in_flow_style() {
         let p = problem("list:\n  - {a: 1, a: 2}\n");
-        assert_eq!(p.location, Some(Location { line: 2, column: 12 }));
+        assert_eq!(
+            p.location,
+            Some(Location {
+                line: 2,
+                column: 12
+            })
+        );
         assert!(p.message.contains("`a` in `list[0]`"), "{}", p.message);
-        assert!(p.message.contains("first at line 2, column 6"), "{}", p.message);
+        assert!(
+            p.message.contains("first at line 2, column 6"),
+            "{}",
+            p.message
+        );
     }
 
     #[test]

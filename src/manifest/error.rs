@@ -38,7 +38,10 @@ pub enum ManifestError {
     /// location. YAML syntax, type and unknown-field errors stop parsing, so they come alone;
     /// rule violations found after parsing are all reported together.
     #[error("{}", Render { path, problems })]
-    Invalid { path: PathBuf, problems: Vec<Problem> },
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
 }
 
 impl ManifestError {
@@ -70,9 +73,12 @@ impl fmt::Display for Render<'_> {
                 f.write_str("\n")?;
             }
             match problem.location {
-                Some(Location { line, column }) => {
-                    write!(f, "{}:{line}:{column}: {}", self.path.display(), problem.message)?
-                }
+                Some(Location { line, column }) => write!(
+                    f,
+                    "{}:{line}:{column}: {}",
+                    self.path.display(),
+                    problem.message
+                )?,
                 None => write!(f, "{}: {}", self.path.display(), problem.message)?,
             }
         }
@@ -110,7 +116,8 @@ pub(super) fn raw_error_problem(err: &serde_yaml::Error) -> Problem {
         message = redact_strings(&message);
     }
     if message == "EOF while parsing a value" {
-        message = "the manifest is empty: it needs at least `version: 1`, `kps:` and `keys:`".into();
+        message =
+            "the manifest is empty: it needs at least `version: 1`, `kps:` and `keys:`".into();
     }
     Problem { location, message }
 }
@@ -204,7 +211,10 @@ mod tests {
             path: "/etc/kps-sync/manifest.yaml".into(),
             problems: vec![
                 Problem {
-                    location: Some(Location { line: 12, column: 5 }),
+                    location: Some(Location {
+                        line: 12,
+                        column: 5,
+                    }),
                     message: "bad mode".into(),
                 },
                 Problem {
@@ -233,7 +243,10 @@ mod tests {
         assert_eq!(inline_secret_replacement("token"), Some("token_file"));
         assert_eq!(inline_secret_replacement("SK"), Some("secret_key_file"));
         assert_eq!(inline_secret_replacement("password"), Some("password_file"));
-        assert_eq!(inline_secret_replacement("security-token"), Some("security_token_file"));
+        assert_eq!(
+            inline_secret_replacement("security-token"),
+            Some("security_token_file")
+        );
         assert_eq!(inline_secret_replacement("token_file"), None);
     }
 }

@@ -181,7 +181,11 @@ impl<'de> Visitor<'de> for Probe<'_> {
 
 impl Probe<'_> {
     fn scalar<E: de::Error>(&self) -> Result<(), E> {
-        if self.rest.is_empty() { Err(hit()) } else { Ok(()) }
+        if self.rest.is_empty() {
+            Err(hit())
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -210,7 +214,7 @@ impl<'de> DeserializeSeed<'de> for KeyProbe<'_> {
 /// `check` returns is stamped by serde_yaml with the key's own line and column.
 pub(super) struct KeyText<F>(pub F);
 
-impl<'de, T, F: FnOnce(Option<String>) -> Result<T, String>> KeyText<F> {
+impl<T, F: FnOnce(Option<String>) -> Result<T, String>> KeyText<F> {
     fn done<E: de::Error>(self, text: Option<String>) -> Result<T, E> {
         (self.0)(text).map_err(E::custom)
     }
@@ -355,8 +359,14 @@ keys:
 
     #[test]
     fn locate_finds_keys_values_and_sequence_items() {
-        assert_eq!(locate(DOC, &path(&["kps", "auth", "token_file"]), Target::Key), loc(4, 5));
-        assert_eq!(locate(DOC, &path(&["kps", "auth", "token_file"]), Target::Value), loc(4, 17));
+        assert_eq!(
+            locate(DOC, &path(&["kps", "auth", "token_file"]), Target::Key),
+            loc(4, 5)
+        );
+        assert_eq!(
+            locate(DOC, &path(&["kps", "auth", "token_file"]), Target::Value),
+            loc(4, 17)
+        );
         assert_eq!(locate(DOC, &path(&["keys", "b"]), Target::Key), loc(7, 3));
         let mut p = path(&["keys", "b", "age_recipients"]);
         p.push(Seg::Index(1));
@@ -376,7 +386,10 @@ keys:
     #[test]
     fn locate_works_in_flow_style() {
         let text = "keys: {a: /a, b: {path: /b, mode: \"0777\"}}\n";
-        assert_eq!(locate(text, &path(&["keys", "b", "mode"]), Target::Value), loc(1, 35));
+        assert_eq!(
+            locate(text, &path(&["keys", "b", "mode"]), Target::Value),
+            loc(1, 35)
+        );
         assert_eq!(locate(text, &path(&["keys", "b"]), Target::Key), loc(1, 15));
     }
 

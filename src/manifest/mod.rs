@@ -74,7 +74,12 @@ pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
                 hint,
             }
         })?;
-    load_text(&text, &path, &|name| std::env::var_os(name), &validate::SystemAccounts)
+    load_text(
+        &text,
+        &path,
+        &|name| std::env::var_os(name),
+        &validate::SystemAccounts,
+    )
 }
 
 /// Validate manifest text. `path` names it in messages and anchors relative paths; it need not

@@ -8,7 +8,8 @@ use super::validate::Accounts;
 use super::*;
 
 /// A real ssh-ed25519 public key line (from `ssh-keygen -t ed25519`; the private half is gone).
-const SSH_ED25519: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGpxsNruaWJc7pllQTth9nNVvqH81weyVeKOFOs1jNTo ops@laptop";
+const SSH_ED25519: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGpxsNruaWJc7pllQTth9nNVvqH81weyVeKOFOs1jNTo ops@laptop";
 
 const MANIFEST: &str = "/etc/kps-sync/manifest.yaml";
 
@@ -79,9 +80,15 @@ fn problems_with(text: &str, env: &dyn Fn(&str) -> Option<OsString>) -> Vec<Stri
 fn assert_problem(text: &str, at: &str, needles: &[&str]) {
     let found = problems(text);
     assert_eq!(found.len(), 1, "expected one problem, got {found:#?}");
-    assert!(found[0].starts_with(&format!("{at}: ")), "expected at {at}: {found:#?}");
+    assert!(
+        found[0].starts_with(&format!("{at}: ")),
+        "expected at {at}: {found:#?}"
+    );
     for needle in needles {
-        assert!(found[0].contains(needle), "expected {needle:?} in {found:#?}");
+        assert!(
+            found[0].contains(needle),
+            "expected {needle:?} in {found:#?}"
+        );
     }
 }
 
@@ -178,7 +185,10 @@ keys:
     assert!(!enc.armor);
     assert_eq!(enc.recipients.len(), 2);
     assert_eq!(enc.recipients[0].text, age);
-    assert!(matches!(enc.recipients[0].parsed, ParsedRecipient::X25519(_)));
+    assert!(matches!(
+        enc.recipients[0].parsed,
+        ParsedRecipient::X25519(_)
+    ));
     assert_eq!(enc.recipients[1].text, SSH_ED25519);
     assert!(matches!(enc.recipients[1].parsed, ParsedRecipient::Ssh(_)));
     assert_eq!(db.on_change, ["systemctl", "reload", "backup-agent"]);
@@ -263,7 +273,10 @@ keys:
         })
     );
     assert_eq!(b.group.as_ref().map(|p| p.id), Some(0));
-    assert!(b.encryption.is_none(), "an empty list overrides the defaults' recipients");
+    assert!(
+        b.encryption.is_none(),
+        "an empty list overrides the defaults' recipients"
+    );
     assert!(b.on_change.is_empty());
 }
 
@@ -303,8 +316,16 @@ fn version_is_required_and_must_be_1() {
         "1:1",
         &["version: 1"],
     );
-    assert_problem(&HEAD.replace("version: 1", "version: 2"), "1:10", &["version 2"]);
-    assert_problem(&HEAD.replace("version: 1", "version: \"1\""), "1:10", &["unquoted"]);
+    assert_problem(
+        &HEAD.replace("version: 1", "version: 2"),
+        "1:10",
+        &["version 2"],
+    );
+    assert_problem(
+        &HEAD.replace("version: 1", "version: \"1\""),
+        "1:10",
+        &["unquoted"],
+    );
 }
 
 #[test]
@@ -333,7 +354,11 @@ fn unknown_fields_are_named_with_the_allowed_ones() {
 
 #[test]
 fn path_in_defaults_is_explained() {
-    assert_problem(&with_head("defaults:\n  path: /k\n"), "6:3", &["`path` cannot have a default"]);
+    assert_problem(
+        &with_head("defaults:\n  path: /k\n"),
+        "6:3",
+        &["`path` cannot have a default"],
+    );
 }
 
 #[test]
@@ -351,7 +376,10 @@ fn duplicate_keys_fail_at_every_depth() {
     assert_problem(
         &with_head("keys:\n  a:\n    path: /k/a\n    owner: root\n    path: /k/b\n"),
         "9:5",
-        &["duplicate key `path` in `keys.a`", "first at line 7, column 5"],
+        &[
+            "duplicate key `path` in `keys.a`",
+            "first at line 7, column 5",
+        ],
     );
     assert_problem(
         "version: 1\nkps:\n  region: x\n  region: y\n",
@@ -364,10 +392,14 @@ fn duplicate_keys_fail_at_every_depth() {
 
 #[test]
 fn region_makes_the_endpoint_and_endpoint_overrides_it() {
-    let m = ok(&with_head("  endpoint: https://kms.example.internal:8443/kps/\n"));
+    let m = ok(&with_head(
+        "  endpoint: https://kms.example.internal:8443/kps/\n",
+    ));
     assert_eq!(m.kps.endpoint, "https://kms.example.internal:8443/kps");
     assert_eq!(m.kps.region.as_deref(), Some("cn-north-4"));
-    let m = ok("version: 1\nkps:\n  endpoint: http://127.0.0.1:8080\n  project_id: 0123456789abcdef0123456789abcdef\n");
+    let m = ok(
+        "version: 1\nkps:\n  endpoint: http://127.0.0.1:8080\n  project_id: 0123456789abcdef0123456789abcdef\n",
+    );
     assert_eq!(m.kps.endpoint, "http://127.0.0.1:8080");
     assert_eq!(m.kps.region, None);
     for loopback in ["http://localhost:1", "http://[::1]:9/", "http://127.8.9.10"] {
@@ -410,14 +442,25 @@ fn bad_endpoints_are_refused() {
 
 #[test]
 fn bad_region_is_refused() {
-    assert_problem(&HEAD.replace("cn-north-4", "cn/north"), "3:11", &["region name"]);
+    assert_problem(
+        &HEAD.replace("cn-north-4", "cn/north"),
+        "3:11",
+        &["region name"],
+    );
 }
 
 #[test]
 fn project_id_must_be_32_hex() {
-    assert_problem(&HEAD.replace("0123456789abcdef0123456789abcdef", "abc"), "4:15", &["32 hex", "3 characters"]);
     assert_problem(
-        &HEAD.replace("0123456789abcdef0123456789abcdef", "0123456789abcdef0123456789abcdeg"),
+        &HEAD.replace("0123456789abcdef0123456789abcdef", "abc"),
+        "4:15",
+        &["32 hex", "3 characters"],
+    );
+    assert_problem(
+        &HEAD.replace(
+            "0123456789abcdef0123456789abcdef",
+            "0123456789abcdef0123456789abcdeg",
+        ),
         "4:15",
         &["not all hex"],
     );
@@ -427,7 +470,10 @@ fn project_id_must_be_32_hex() {
         &["project_id", "missing"],
     );
     // 32 digits is a YAML integer; it is still a valid id.
-    let m = ok(&HEAD.replace("0123456789abcdef0123456789abcdef", "12345678901234567890123456789012"));
+    let m = ok(&HEAD.replace(
+        "0123456789abcdef0123456789abcdef",
+        "12345678901234567890123456789012",
+    ));
     assert_eq!(m.kps.project_id, "12345678901234567890123456789012");
 }
 
@@ -458,9 +504,15 @@ fn every_auth_method_loads() {
     );
     for ecs in ["ecs_metadata: {}", "ecs_metadata:", "ecs_metadata: null"] {
         let m = ok(&with_head(&format!("  auth:\n    {ecs}\n")));
-        assert_eq!(m.kps.auth, AuthConfig::EcsMetadata { endpoint: None }, "{ecs}");
+        assert_eq!(
+            m.kps.auth,
+            AuthConfig::EcsMetadata { endpoint: None },
+            "{ecs}"
+        );
     }
-    let m = ok(&with_head("  auth:\n    ecs_metadata: {endpoint: \"http://169.254.169.254/\"}\n"));
+    let m = ok(&with_head(
+        "  auth:\n    ecs_metadata: {endpoint: \"http://169.254.169.254/\"}\n",
+    ));
     assert_eq!(
         m.kps.auth,
         AuthConfig::EcsMetadata {
@@ -472,12 +524,16 @@ fn every_auth_method_loads() {
 #[test]
 fn two_auth_methods_are_named_both() {
     assert_problem(
-        &with_head("  auth:\n    token_file: /t\n    iam: {user: u, domain: d, password_file: /p}\n"),
+        &with_head(
+            "  auth:\n    token_file: /t\n    iam: {user: u, domain: d, password_file: /p}\n",
+        ),
         "7:5",
         &["2 methods", "`token_file` and `iam`", "exactly one"],
     );
     assert_problem(
-        &with_head("  auth:\n    ecs_metadata: {}\n    secret_key_file: /s\n    access_key_file: /a\n"),
+        &with_head(
+            "  auth:\n    ecs_metadata: {}\n    secret_key_file: /s\n    access_key_file: /a\n",
+        ),
         "7:5",
         &["`ecs_metadata` and `secret_key_file`"],
     );
@@ -538,9 +594,15 @@ fn relative_paths_resolve_against_the_manifest_folder() {
     );
     let m = load_at(&text, Path::new("/srv/conf/manifest.yaml")).unwrap();
     assert_eq!(m.kps.ca_file, Some(PathBuf::from("/srv/ca.pem")));
-    assert_eq!(m.kps.auth, AuthConfig::TokenFile("/srv/conf/creds/token".into()));
+    assert_eq!(
+        m.kps.auth,
+        AuthConfig::TokenFile("/srv/conf/creds/token".into())
+    );
     assert_eq!(m.settings.state_dir, PathBuf::from("/srv/conf/state"));
-    assert_eq!(m.settings.metrics_file, Some(PathBuf::from("/srv/conf/out/metrics.prom")));
+    assert_eq!(
+        m.settings.metrics_file,
+        Some(PathBuf::from("/srv/conf/out/metrics.prom"))
+    );
     assert_eq!(key(&m, "a").path, PathBuf::from("/srv/conf/keys/a.pem"));
     assert_eq!(key(&m, "b").path, PathBuf::from("/srv/conf/b.pem"));
 }
@@ -568,16 +630,28 @@ fn credentials_directory_unset_is_an_error() {
 
 #[test]
 fn other_variables_and_tilde_are_refused() {
-    assert_problem(&with_head("keys:\n  a: $HOME/a\n"), "6:6", &["only `$CREDENTIALS_DIRECTORY"]);
+    assert_problem(
+        &with_head("keys:\n  a: $HOME/a\n"),
+        "6:6",
+        &["only `$CREDENTIALS_DIRECTORY"],
+    );
     assert_problem(&with_head("keys:\n  a: ~/a\n"), "6:6", &["absolute path"]);
 }
 
 #[test]
 fn key_paths_must_name_a_file() {
-    assert_problem(&with_head("keys:\n  a: /etc/ssh/\n"), "6:6", &["names a folder"]);
+    assert_problem(
+        &with_head("keys:\n  a: /etc/ssh/\n"),
+        "6:6",
+        &["names a folder"],
+    );
     assert_problem(&with_head("keys:\n  a: \"\"\n"), "6:6", &["empty"]);
     assert_problem(&with_head("keys:\n  a:\n"), "6:3", &["has no path"]);
-    assert_problem(&with_head("keys:\n  a:\n    mode: \"0600\"\n"), "6:3", &["has no path"]);
+    assert_problem(
+        &with_head("keys:\n  a:\n    mode: \"0600\"\n"),
+        "6:3",
+        &["has no path"],
+    );
 }
 
 #[test]
@@ -599,17 +673,36 @@ fn two_keys_on_one_path_name_both() {
 
 #[test]
 fn key_names_are_checked() {
-    assert_problem(&with_head("keys:\n  \"web prod\": /k/a\n"), "6:3", &["`web prod`", "letters, digits"]);
+    assert_problem(
+        &with_head("keys:\n  \"web prod\": /k/a\n"),
+        "6:3",
+        &["`web prod`", "letters, digits"],
+    );
     assert_problem(&with_head("keys:\n  \"a.b\": /k/a\n"), "6:3", &["`a.b`"]);
     let long = "x".repeat(256);
-    assert_problem(&with_head(&format!("keys:\n  {long}: /k/a\n")), "6:3", &["1 to 255"]);
-    ok(&with_head(&format!("keys:\n  {}: /k/a\n  A_z-9: /k/b\n", "x".repeat(255))));
+    assert_problem(
+        &with_head(&format!("keys:\n  {long}: /k/a\n")),
+        "6:3",
+        &["1 to 255"],
+    );
+    ok(&with_head(&format!(
+        "keys:\n  {}: /k/a\n  A_z-9: /k/b\n",
+        "x".repeat(255)
+    )));
 }
 
 #[test]
 fn allowed_modes_load() {
-    for (text, mode) in [("0600", 0o600), ("600", 0o600), ("0400", 0o400), ("0640", 0o640), ("0440", 0o440)] {
-        let m = ok(&with_head(&format!("keys:\n  a:\n    path: /k/a\n    mode: \"{text}\"\n")));
+    for (text, mode) in [
+        ("0600", 0o600),
+        ("600", 0o600),
+        ("0400", 0o400),
+        ("0640", 0o640),
+        ("0440", 0o440),
+    ] {
+        let m = ok(&with_head(&format!(
+            "keys:\n  a:\n    path: /k/a\n    mode: \"{text}\"\n"
+        )));
         assert_eq!(key(&m, "a").mode, mode, "{text}");
     }
 }
@@ -623,10 +716,15 @@ fn wide_modes_are_refused_with_a_suggestion() {
         ("0700", "executable"),
         ("4600", "setuid"),
         ("0200", "owner read"),
-        ("0777", "executable, gives access to other users and lets the group write"),
+        (
+            "0777",
+            "executable, gives access to other users and lets the group write",
+        ),
     ] {
         assert_problem(
-            &with_head(&format!("keys:\n  a:\n    path: /k/a\n    mode: \"{mode}\"\n")),
+            &with_head(&format!(
+                "keys:\n  a:\n    path: /k/a\n    mode: \"{mode}\"\n"
+            )),
             "8:11",
             &[why, "\"0600\"", "\"0640\""],
         );
@@ -667,7 +765,9 @@ fn unknown_owner_or_group_is_named() {
         "6:10",
         &["no group `wheel`", "groupadd"],
     );
-    let m = ok(&with_head("keys:\n  a:\n    path: /k/a\n    owner: 4242\n    group: \"4343\"\n"));
+    let m = ok(&with_head(
+        "keys:\n  a:\n    path: /k/a\n    owner: 4242\n    group: \"4343\"\n",
+    ));
     assert_eq!(key(&m, "a").owner.as_ref().map(|p| p.id), Some(4242));
     assert_eq!(key(&m, "a").group.as_ref().map(|p| p.id), Some(4343));
 }
@@ -729,7 +829,10 @@ fn recipients_file_errors_name_the_file_and_line() {
     let err = load_at(&text, Path::new(MANIFEST)).unwrap_err();
     assert_eq!(err.problems().len(), 1, "{err}");
     let shown = err.to_string();
-    assert!(shown.starts_with(&format!("{MANIFEST}:8:26: {}:3: ", file.display())), "{shown}");
+    assert!(
+        shown.starts_with(&format!("{MANIFEST}:8:26: {}:3: ", file.display())),
+        "{shown}"
+    );
 
     std::fs::write(&file, "# nobody\n\n").unwrap();
     let err = load_at(&text, Path::new(MANIFEST)).unwrap_err();
@@ -737,7 +840,10 @@ fn recipients_file_errors_name_the_file_and_line() {
 
     std::fs::remove_file(&file).unwrap();
     let err = load_at(&text, Path::new(MANIFEST)).unwrap_err();
-    assert!(err.to_string().contains("cannot read age_recipients_file"), "{err}");
+    assert!(
+        err.to_string().contains("cannot read age_recipients_file"),
+        "{err}"
+    );
     assert!(err.to_string().contains("create it"), "{err}");
 }
 
@@ -792,7 +898,10 @@ fn settings_are_read() {
     assert_eq!(s.watch, WatchMode::Poll);
     assert_eq!(s.max_rps, Some(2.5));
     assert_eq!(s.metrics_listen, Some("127.0.0.1:9464".parse().unwrap()));
-    assert_eq!(ok(&with_head("settings:\n  max_rps: 3\n")).settings.max_rps, Some(3.0));
+    assert_eq!(
+        ok(&with_head("settings:\n  max_rps: 3\n")).settings.max_rps,
+        Some(3.0)
+    );
 }
 
 #[test]
@@ -808,7 +917,11 @@ fn bad_settings_are_each_reported() {
         ("max_rps: -1", "6:12", "positive"),
         ("metrics_listen: localhost", "6:19", "127.0.0.1:9464"),
     ] {
-        assert_problem(&with_head(&format!("settings:\n  {setting}\n")), at, &[needle]);
+        assert_problem(
+            &with_head(&format!("settings:\n  {setting}\n")),
+            at,
+            &[needle],
+        );
     }
 }
 
@@ -828,7 +941,10 @@ fn all_rule_violations_are_reported_in_file_order() {
     let err = load_at(&text, Path::new(MANIFEST)).unwrap_err();
     let lines: Vec<String> = err.to_string().lines().map(str::to_string).collect();
     assert_eq!(lines.len(), 4);
-    assert!(lines.iter().all(|l| l.starts_with(&format!("{MANIFEST}:"))), "{lines:#?}");
+    assert!(
+        lines.iter().all(|l| l.starts_with(&format!("{MANIFEST}:"))),
+        "{lines:#?}"
+    );
 }
 
 // ---- from disk ----
@@ -874,7 +990,16 @@ fn load_str_makes_the_path_absolute() {
 
 #[test]
 fn default_path_prefers_the_environment() {
-    assert_eq!(default_path_from(None), PathBuf::from("/etc/kps-sync/manifest.yaml"));
-    assert_eq!(default_path_from(Some("".into())), PathBuf::from("/etc/kps-sync/manifest.yaml"));
-    assert_eq!(default_path_from(Some("/x/m.yaml".into())), PathBuf::from("/x/m.yaml"));
+    assert_eq!(
+        default_path_from(None),
+        PathBuf::from("/etc/kps-sync/manifest.yaml")
+    );
+    assert_eq!(
+        default_path_from(Some("".into())),
+        PathBuf::from("/etc/kps-sync/manifest.yaml")
+    );
+    assert_eq!(
+        default_path_from(Some("/x/m.yaml".into())),
+        PathBuf::from("/x/m.yaml")
+    );
 }

@@ -216,7 +216,9 @@ impl Checker<'_> {
                     None
                 }
             },
-            (None, Some(r)) if valid_region(r) => Some(format!("https://kms.{r}.myhuaweicloud.com")),
+            (None, Some(r)) if valid_region(r) => {
+                Some(format!("https://kms.{r}.myhuaweicloud.com"))
+            }
             (None, Some(_)) => None,
             (None, None) => {
                 self.problem(
@@ -414,11 +416,9 @@ impl Checker<'_> {
                 let secret_key_file = self.resolve(sk, at("secret_key_file"), "secret_key_file");
                 let security_token_file = match &auth.security_token_file {
                     None => None,
-                    Some(t) => Some(self.resolve(
-                        t,
-                        at("security_token_file"),
-                        "security_token_file",
-                    )?),
+                    Some(t) => {
+                        Some(self.resolve(t, at("security_token_file"), "security_token_file")?)
+                    }
                 };
                 Some(AuthConfig::AkSk {
                     access_key_file: access_key_file?,
@@ -438,28 +438,31 @@ impl Checker<'_> {
             None => Some(PathBuf::from(DEFAULT_STATE_DIR)),
             Some(d) => self.resolve(d, at("state_dir"), "state_dir"),
         };
-        let mut duration = |c: &mut Self, field: &str, raw: &Option<Text>, default: Duration, zero_ok: bool| {
-            let Some(raw) = raw else {
-                return default;
+        let mut duration =
+            |c: &mut Self, field: &str, raw: &Option<Text>, default: Duration, zero_ok: bool| {
+                let Some(raw) = raw else {
+                    return default;
+                };
+                match duration::parse(raw.as_str()) {
+                    Ok(d) if d.is_zero() && !zero_ok => {
+                        c.problem(
+                            at(field),
+                            Target::Value,
+                            format!(
+                                "`{field}` cannot be zero: write a positive duration like `5m`"
+                            ),
+                        );
+                        ok = false;
+                        default
+                    }
+                    Ok(d) => d,
+                    Err(why) => {
+                        c.problem(at(field), Target::Value, format!("`{field}`: {why}"));
+                        ok = false;
+                        default
+                    }
+                }
             };
-            match duration::parse(raw.as_str()) {
-                Ok(d) if d.is_zero() && !zero_ok => {
-                    c.problem(
-                        at(field),
-                        Target::Value,
-                        format!("`{field}` cannot be zero: write a positive duration like `5m`"),
-                    );
-                    ok = false;
-                    default
-                }
-                Ok(d) => d,
-                Err(why) => {
-                    c.problem(at(field), Target::Value, format!("`{field}`: {why}"));
-                    ok = false;
-                    default
-                }
-            }
-        };
         let interval = duration(self, "interval", &s.interval, DEFAULT_INTERVAL, false);
         let debounce = duration(self, "debounce", &s.debounce, DEFAULT_DEBOUNCE, true);
         let hook_timeout = duration(
@@ -649,7 +652,10 @@ impl Checker<'_> {
             self.problem(
                 at,
                 Target::Value,
-                format!("`{}` does not name a file: write the key file's path", raw.as_str()),
+                format!(
+                    "`{}` does not name a file: write the key file's path",
+                    raw.as_str()
+                ),
             );
             return None;
         }
@@ -885,22 +891,23 @@ impl Checker<'_> {
 
     fn read_recipients(&mut self, file: &Path, at: Vec<Seg>) -> Option<Vec<Recipient>> {
         let shown = file.display();
-        let text = std::fs::metadata(file)
-            .and_then(|m| {
-                if m.len() > MAX_RECIPIENTS_FILE {
-                    Err(std::io::Error::other(format!(
-                        "it is {} bytes, more than a recipients file should be",
-                        m.len()
-                    )))
-                } else {
-                    std::fs::read_to_string(file)
-                }
-            });
+        let text = std::fs::metadata(file).and_then(|m| {
+            if m.len() > MAX_RECIPIENTS_FILE {
+                Err(std::io::Error::other(format!(
+                    "it is {} bytes, more than a recipients file should be",
+                    m.len()
+                )))
+            } else {
+                std::fs::read_to_string(file)
+            }
+        });
         let text = match text {
             Ok(t) => t,
             Err(e) => {
                 let hint = match e.kind() {
-                    std::io::ErrorKind::NotFound => "create it (one recipient per line) or fix the path",
+                    std::io::ErrorKind::NotFound => {
+                        "create it (one recipient per line) or fix the path"
+                    }
                     std::io::ErrorKind::PermissionDenied => "make it readable by kps-sync",
                     _ => "check that it is a text file with one recipient per line",
                 };
@@ -978,7 +985,11 @@ impl Checker<'_> {
     fn resolve(&mut self, raw: &Text, at: Vec<Seg>, field: &str) -> Option<PathBuf> {
         let text = raw.as_str();
         if text.is_empty() {
-            self.problem(at, Target::Value, format!("`{field}:` is empty: write a path"));
+            self.problem(
+                at,
+                Target::Value,
+                format!("`{field}:` is empty: write a path"),
+            );
             return None;
         }
         if text.contains('\0') {
@@ -1184,9 +1195,9 @@ pub(super) fn check_url(text: &str, http: HttpRule) -> Result<String, String> {
         }
     };
     if host.is_empty()
-        || !host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'[' | b']' | b':'))
+        || !host.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'[' | b']' | b':')
+        })
     {
         return bad("the host name is missing or has characters a host cannot have");
     }
