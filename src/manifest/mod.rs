@@ -13,6 +13,18 @@
 //! `${CREDENTIALS_DIRECTORY}/` takes that prefix from the environment (systemd sets it for a
 //! unit with `LoadCredential=`); loading fails when it is unset. No other `$VAR` or `~` is
 //! expanded: such a path is refused rather than taken literally.
+//!
+//! `defaults:` fields apply field by field: a key's own `mode`, `owner`, `age_recipients`...
+//! replace the default of that one field. `age_recipients` and `age_recipients_file` are two
+//! fields, and a key is encrypted to both lists together; `age_recipients: []` or
+//! `on_change: []` on a key clears the default. `armor: true` in `defaults:` applies only to
+//! keys that have recipients. An `age_recipients_file` is read at load time (one recipient a
+//! line, `#` comments and blank lines skipped, like `age -R`); an empty one is an error, since
+//! the key would silently be written in the clear.
+//!
+//! Modes must be quoted strings of octal digits. serde_yaml reads YAML 1.2, where an unquoted
+//! `0600` is the string "0600" and is accepted as such; `600`, `0o600` and other numbers are
+//! refused, since YAML readers disagree on what they mean.
 
 mod dupkeys;
 mod duration;
@@ -20,6 +32,7 @@ mod error;
 mod locate;
 mod model;
 mod raw;
+mod rules;
 mod validate;
 
 use std::ffi::OsString;
@@ -135,7 +148,7 @@ fn absolute(path: &Path) -> PathBuf {
             .map(|d| d.join(path))
             .unwrap_or_else(|_| path.to_path_buf())
     };
-    validate::normalize(&joined)
+    rules::normalize(&joined)
 }
 
 #[cfg(test)]

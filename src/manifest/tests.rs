@@ -303,6 +303,15 @@ fn empty_file_is_refused() {
 }
 
 #[test]
+fn a_leading_document_marker_is_fine_but_two_documents_are_not() {
+    let m = ok(&format!("---\n{HEAD}keys:\n  a: /k/a\n"));
+    assert_eq!(key(&m, "a").line, 7);
+    let found = problems(&format!("{HEAD}---\nversion: 1\n"));
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0].contains("more than one document"), "{found:?}");
+}
+
+#[test]
 fn broken_yaml_names_its_line() {
     let found = problems(&with_head("keys:\n  a: [/k/a\n  b: /k/b\n"));
     assert_eq!(found.len(), 1, "{found:?}");
@@ -429,6 +438,8 @@ fn bad_endpoints_are_refused() {
         ("https://user@host", "user@"),
         ("https://host:99999", "port"),
         ("https://", "host"),
+        ("https://a]b", "host"),
+        ("https://[not-v6]:1", "host"),
     ] {
         assert_problem(
             &format!(
@@ -751,6 +762,26 @@ fn numeric_modes_must_be_quoted() {
             &["YAML number", "quoted", "\"0600\""],
         );
     }
+}
+
+#[test]
+fn unquoted_leading_zero_modes_must_be_quoted() {
+    assert_problem(
+        &with_head("keys:\n  a:\n    path: /k/a\n    mode: 0600\n"),
+        "8:11",
+        &["unquoted", "`mode: \"0600\"`"],
+    );
+    assert_problem(
+        &with_head("keys:\n  a: {path: /k/a, mode: 0400}\n"),
+        "6:25",
+        &["unquoted"],
+    );
+    // Quoted with either quote is fine, also when another mode is unquoted.
+    let found = problems(&with_head(
+        "defaults:\n  mode: '0640'\nkeys:\n  a: /k/a\n  b:\n    path: /k/b\n    mode: \"0400\"\n  c:\n    path: /k/c\n    mode: 0600\n",
+    ));
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert!(found[0].starts_with("14:11: "), "{found:#?}");
 }
 
 #[test]

@@ -6,8 +6,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
-use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Component, Path, PathBuf};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::error::{Location, Problem};
@@ -16,10 +16,14 @@ use super::raw::{
     Present, RawAuth, RawDefaults, RawKey, RawKps, RawManifest, RawMode, RawOnChange, RawSettings,
     Text,
 };
+use super::rules::{HttpRule, check_url, normalize, parse_mode, valid_name, valid_region};
 use super::{
     AuthConfig, Encryption, KeySpec, KpsConfig, Manifest, Principal, Recipient, Settings,
     WatchMode, duration,
 };
+
+mod kps;
+mod settings;
 
 /// Looks up users and groups; the real one asks the system (NSS), tests use a table.
 pub(super) trait Accounts {
@@ -79,6 +83,7 @@ pub(super) fn validate(
         ctx,
         pending: Vec::new(),
         recipients_files: HashMap::new(),
+        unquoted_mode_possible: unquoted_mode_possible(text),
     };
     c.version(raw.version.as_ref());
     let kps = match raw.kps {
@@ -119,6 +124,9 @@ struct Checker<'a> {
     /// Each recipients file is read and judged once, however many keys name it. `None`: it
     /// failed and was reported.
     recipients_files: HashMap<PathBuf, Option<Vec<Recipient>>>,
+    /// Whether some `mode:` is followed by a bare digit; only then is each mode's quoting
+    /// checked, since that takes a parse per mode.
+    unquoted_mode_possible: bool,
 }
 
 /// The checked per-key fields of `defaults:` or of one key. The outer `Option` is "written",
@@ -191,377 +199,9 @@ impl Checker<'_> {
             }
         }
     }
+}
 
-    // ---- kps ----
-
-    fn kps(&mut self, kps: RawKps) -> Option<KpsConfig> {
-        let region = kps.region.map(|r| r.0);
-        if let Some(r) = &region
-            && !valid_region(r)
-        {
-            self.problem(
-                path(&["kps", "region"]),
-                Target::Value,
-                format!(
-                    "`{r}` is not a region name: write one like `cn-north-4` (lowercase letters, \
-                     digits and `-`)"
-                ),
-            );
-        }
-        let endpoint = match (&kps.endpoint, &region) {
-            (Some(e), _) => match check_url(e.as_str(), HttpRule::LoopbackOnly) {
-                Ok(url) => Some(url),
-                Err(why) => {
-                    self.problem(path(&["kps", "endpoint"]), Target::Value, why);
-                    None
-                }
-            },
-            (None, Some(r)) if valid_region(r) => {
-                Some(format!("https://kms.{r}.myhuaweicloud.com"))
-            }
-            (None, Some(_)) => None,
-            (None, None) => {
-                self.problem(
-                    path(&["kps"]),
-                    Target::Key,
-                    "`kps:` needs `region:` (e.g. `region: cn-north-4`) or `endpoint:` (an \
-                     https:// URL)",
-                );
-                None
-            }
-        };
-        let project_id = match kps.project_id {
-            None => {
-                self.problem(
-                    path(&["kps"]),
-                    Target::Key,
-                    "`kps.project_id:` is missing: add the 32 hex characters of the project's \
-                     ID (console: My Credentials > API Credentials)",
-                );
-                None
-            }
-            Some(p) if p.0.len() == 32 && p.0.bytes().all(|b| b.is_ascii_hexdigit()) => Some(p.0),
-            Some(p) => {
-                self.problem(
-                    path(&["kps", "project_id"]),
-                    Target::Value,
-                    format!(
-                        "`project_id` must be 32 hex characters (found {} characters{}): copy \
-                         the project ID from the console (My Credentials > API Credentials)",
-                        p.0.chars().count(),
-                        if p.0.bytes().all(|b| b.is_ascii_hexdigit()) {
-                            ""
-                        } else {
-                            ", not all hex"
-                        }
-                    ),
-                );
-                None
-            }
-        };
-        let ca_file = kps
-            .ca_file
-            .and_then(|f| self.resolve(&f, path(&["kps", "ca_file"]), "ca_file"));
-        let auth = self.auth(kps.auth.unwrap_or_default(), region.as_deref());
-        Some(KpsConfig {
-            region,
-            endpoint: endpoint?,
-            project_id: project_id?,
-            auth: auth?,
-            ca_file,
-        })
-    }
-
-    fn auth(&mut self, auth: RawAuth, region: Option<&str>) -> Option<AuthConfig> {
-        let at = |k: &str| path(&["kps", "auth", k]);
-        // The methods written, each named by the field that selects it. AK/SK takes up to three
-        // fields: it is named by the one written first.
-        let mut methods: Vec<(Option<Location>, &str)> = Vec::new();
-        let mut add = |names: &[(&'static str, bool)]| {
-            let first = names
-                .iter()
-                .filter(|(_, given)| *given)
-                .map(|(name, _)| (locate(self.text, &at(name), Target::Key), *name))
-                .min();
-            methods.extend(first);
-        };
-        add(&[("token_file", auth.token_file.is_some())]);
-        add(&[
-            ("access_key_file", auth.access_key_file.is_some()),
-            ("secret_key_file", auth.secret_key_file.is_some()),
-            ("security_token_file", auth.security_token_file.is_some()),
-        ]);
-        add(&[("iam", auth.iam.is_given())]);
-        add(&[("ecs_metadata", auth.ecs_metadata.is_given())]);
-        methods.sort();
-        let methods: Vec<&str> = methods.into_iter().map(|(_, name)| name).collect();
-        if methods.len() > 1 {
-            let names: Vec<String> = methods.iter().map(|m| format!("`{m}`")).collect();
-            // Point at the method written last: most likely the one added by mistake.
-            let last = methods[methods.len() - 1];
-            self.problem(
-                at(last),
-                Target::Key,
-                format!(
-                    "`kps.auth` names {} methods ({}): keep exactly one",
-                    methods.len(),
-                    names.join(" and ")
-                ),
-            );
-            return None;
-        }
-        let method = methods.first().copied();
-        match method {
-            None => Some(AuthConfig::Unspecified),
-            Some("token_file") => {
-                let file = auth.token_file?;
-                self.resolve(&file, at("token_file"), "token_file")
-                    .map(AuthConfig::TokenFile)
-            }
-            Some("iam") => {
-                let Present::Given(iam) = auth.iam else {
-                    return None;
-                };
-                let iam_at = |k: &str| path(&["kps", "auth", "iam", k]);
-                let mut missing = Vec::new();
-                if iam.user.is_none() {
-                    missing.push("user");
-                }
-                if iam.domain.is_none() {
-                    missing.push("domain");
-                }
-                if iam.password_file.is_none() {
-                    missing.push("password_file");
-                }
-                if !missing.is_empty() {
-                    let list: Vec<String> = missing.iter().map(|m| format!("`{m}:`")).collect();
-                    self.problem(
-                        at("iam"),
-                        Target::Key,
-                        format!(
-                            "`iam:` needs `user:`, `domain:` and `password_file:`; missing {}",
-                            list.join(", ")
-                        ),
-                    );
-                }
-                let password_file = iam
-                    .password_file
-                    .and_then(|f| self.resolve(&f, iam_at("password_file"), "password_file"));
-                let endpoint = match iam.endpoint {
-                    None => {
-                        if region.is_none() {
-                            self.problem(
-                                at("iam"),
-                                Target::Key,
-                                "`iam:` without `endpoint:` needs `kps.region:` to find IAM \
-                                 (https://iam.{region}.myhuaweicloud.com): add one of them",
-                            );
-                        }
-                        None
-                    }
-                    Some(e) => match check_url(e.as_str(), HttpRule::LoopbackOnly) {
-                        Ok(url) => Some(url),
-                        Err(why) => {
-                            self.problem(iam_at("endpoint"), Target::Value, why);
-                            return None;
-                        }
-                    },
-                };
-                Some(AuthConfig::Iam {
-                    user: non_empty(iam.user?.0)?,
-                    domain: non_empty(iam.domain?.0)?,
-                    password_file: password_file?,
-                    endpoint,
-                })
-            }
-            Some("ecs_metadata") => {
-                let Present::Given(ecs) = auth.ecs_metadata else {
-                    return None;
-                };
-                let endpoint = match ecs.endpoint {
-                    None => None,
-                    Some(e) => match check_url(e.as_str(), HttpRule::Any) {
-                        Ok(url) => Some(url),
-                        Err(why) => {
-                            self.problem(
-                                path(&["kps", "auth", "ecs_metadata", "endpoint"]),
-                                Target::Value,
-                                why,
-                            );
-                            return None;
-                        }
-                    },
-                };
-                Some(AuthConfig::EcsMetadata { endpoint })
-            }
-            Some(_) => {
-                let (Some(ak), Some(sk)) = (&auth.access_key_file, &auth.secret_key_file) else {
-                    let missing = if auth.access_key_file.is_none() {
-                        "access_key_file"
-                    } else {
-                        "secret_key_file"
-                    };
-                    let present = methods[0];
-                    self.problem(
-                        at(present),
-                        Target::Key,
-                        format!(
-                            "AK/SK auth needs both `access_key_file:` and `secret_key_file:` \
-                             (`security_token_file:` is optional); add `{missing}:`"
-                        ),
-                    );
-                    return None;
-                };
-                let access_key_file = self.resolve(ak, at("access_key_file"), "access_key_file");
-                let secret_key_file = self.resolve(sk, at("secret_key_file"), "secret_key_file");
-                let security_token_file = match &auth.security_token_file {
-                    None => None,
-                    Some(t) => {
-                        Some(self.resolve(t, at("security_token_file"), "security_token_file")?)
-                    }
-                };
-                Some(AuthConfig::AkSk {
-                    access_key_file: access_key_file?,
-                    secret_key_file: secret_key_file?,
-                    security_token_file,
-                })
-            }
-        }
-    }
-
-    // ---- settings ----
-
-    fn settings(&mut self, s: RawSettings) -> Option<Settings> {
-        let at = |k: &str| path(&["settings", k]);
-        let mut ok = true;
-        let state_dir = match &s.state_dir {
-            None => Some(PathBuf::from(DEFAULT_STATE_DIR)),
-            Some(d) => self.resolve(d, at("state_dir"), "state_dir"),
-        };
-        let mut duration =
-            |c: &mut Self, field: &str, raw: &Option<Text>, default: Duration, zero_ok: bool| {
-                let Some(raw) = raw else {
-                    return default;
-                };
-                match duration::parse(raw.as_str()) {
-                    Ok(d) if d.is_zero() && !zero_ok => {
-                        c.problem(
-                            at(field),
-                            Target::Value,
-                            format!(
-                                "`{field}` cannot be zero: write a positive duration like `5m`"
-                            ),
-                        );
-                        ok = false;
-                        default
-                    }
-                    Ok(d) => d,
-                    Err(why) => {
-                        c.problem(at(field), Target::Value, format!("`{field}`: {why}"));
-                        ok = false;
-                        default
-                    }
-                }
-            };
-        let interval = duration(self, "interval", &s.interval, DEFAULT_INTERVAL, false);
-        let debounce = duration(self, "debounce", &s.debounce, DEFAULT_DEBOUNCE, true);
-        let hook_timeout = duration(
-            self,
-            "hook_timeout",
-            &s.hook_timeout,
-            DEFAULT_HOOK_TIMEOUT,
-            false,
-        );
-        let concurrency = match s.concurrency {
-            None => DEFAULT_CONCURRENCY,
-            Some(n) if (1..=MAX_CONCURRENCY).contains(&n) => n as usize,
-            Some(n) => {
-                self.problem(
-                    at("concurrency"),
-                    Target::Value,
-                    format!(
-                        "`concurrency: {n}` is out of range: write a number from 1 to \
-                         {MAX_CONCURRENCY} (default {DEFAULT_CONCURRENCY})"
-                    ),
-                );
-                ok = false;
-                DEFAULT_CONCURRENCY
-            }
-        };
-        let watch = match s.watch.as_ref().map(Text::as_str) {
-            None | Some("inotify") => WatchMode::Inotify,
-            Some("poll") => WatchMode::Poll,
-            Some(other) => {
-                self.problem(
-                    at("watch"),
-                    Target::Value,
-                    format!("`watch: {other}` is not a watch mode: write `inotify` or `poll`"),
-                );
-                ok = false;
-                WatchMode::Inotify
-            }
-        };
-        let max_rps = match s.max_rps {
-            None => None,
-            Some(r) if r.is_finite() && r > 0.0 => Some(r),
-            Some(r) => {
-                self.problem(
-                    at("max_rps"),
-                    Target::Value,
-                    format!(
-                        "`max_rps: {r}` must be a positive number of requests per second (e.g. \
-                         `10`), or left out for no cap"
-                    ),
-                );
-                ok = false;
-                None
-            }
-        };
-        let metrics_file = match &s.metrics_file {
-            None => None,
-            Some(f) => {
-                let r = self.resolve(f, at("metrics_file"), "metrics_file");
-                ok &= r.is_some();
-                r
-            }
-        };
-        let metrics_listen = match &s.metrics_listen {
-            None => None,
-            Some(a) => match a.as_str().parse::<SocketAddr>() {
-                Ok(addr) => Some(addr),
-                Err(_) => {
-                    self.problem(
-                        at("metrics_listen"),
-                        Target::Value,
-                        format!(
-                            "`metrics_listen: {}` is not an address and port: write e.g. \
-                             `127.0.0.1:9464` or `[::1]:9464`",
-                            a.as_str()
-                        ),
-                    );
-                    ok = false;
-                    None
-                }
-            },
-        };
-        let state_dir = state_dir?;
-        ok.then_some(Settings {
-            state_dir,
-            interval,
-            debounce,
-            concurrency,
-            prune: s.prune.unwrap_or(false),
-            hook_timeout,
-            verify_remote: s.verify_remote.unwrap_or(false),
-            watch,
-            max_rps,
-            metrics_file,
-            metrics_listen,
-        })
-    }
-
-    // ---- keys ----
-
+impl Checker<'_> {
     fn keys(
         &mut self,
         defaults: Option<RawDefaults>,
@@ -738,11 +378,27 @@ impl Checker<'_> {
             p.push(Seg::Key(k.into()));
             p
         };
-        let mode = raw.mode.map(|m| match parse_mode(&m) {
-            Ok(mode) => Some(mode),
-            Err(why) => {
-                self.problem(at("mode"), Target::Value, why);
-                None
+        let mode = raw.mode.map(|m| {
+            if let RawMode::Text(t) = &m
+                && self.unquoted_mode_possible
+                && is_plain_scalar(self.text, &at("mode"))
+            {
+                self.problem(
+                    at("mode"),
+                    Target::Value,
+                    format!(
+                        "`mode: {t}` is unquoted: YAML 1.1 readers take it as an octal or a \
+                         decimal number; write it quoted: `mode: \"{t}\"`"
+                    ),
+                );
+                return None;
+            }
+            match parse_mode(&m) {
+                Ok(mode) => Some(mode),
+                Err(why) => {
+                    self.problem(at("mode"), Target::Value, why);
+                    None
+                }
             }
         });
         let owner = raw
@@ -1048,6 +704,23 @@ fn non_empty(s: String) -> Option<String> {
     (!s.is_empty()).then_some(s)
 }
 
+/// A cheap over-approximation: a `mode:` followed by a digit anywhere in the text.
+fn unquoted_mode_possible(text: &str) -> bool {
+    text.match_indices("mode:").any(|(i, m)| {
+        text[i + m.len()..]
+            .trim_start_matches([' ', '\t'])
+            .starts_with(|c: char| c.is_ascii_digit())
+    })
+}
+
+/// Whether the scalar at `at` is written without quotes (serde cannot tell: YAML 1.2 reads a
+/// bare `0600` as the string "0600").
+fn is_plain_scalar(text: &str, at: &[Seg]) -> bool {
+    locate(text, at, Target::Value)
+        .and_then(|l| text.lines().nth(l.line - 1)?.chars().nth(l.column - 1))
+        .is_some_and(|c| c != '"' && c != '\'')
+}
+
 /// The location of `at`, or of the nearest enclosing entry that exists (a missing field is
 /// reported at its parent).
 fn locate_or_parent(text: &str, at: &[Seg], target: Target) -> Option<Location> {
@@ -1062,162 +735,4 @@ fn locate_or_parent(text: &str, at: &[Seg], target: Target) -> Option<Location> 
         }
     }
     Some(Location { line: 1, column: 1 })
-}
-
-/// `.` and `..` removed lexically, so that two spellings of one path compare equal.
-pub(super) fn normalize(p: &Path) -> PathBuf {
-    let mut out = PathBuf::new();
-    for c in p.components() {
-        match c {
-            Component::CurDir => {}
-            Component::ParentDir => {
-                out.pop();
-            }
-            other => out.push(other),
-        }
-    }
-    out
-}
-
-/// KPS key pair names: `[A-Za-z0-9_-]{1,255}`.
-pub(super) fn valid_name(name: &str) -> bool {
-    (1..=255).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-}
-
-fn valid_region(region: &str) -> bool {
-    !region.is_empty()
-        && region.len() <= 64
-        && region
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-}
-
-/// The mode, or why it is refused and what to write instead.
-pub(super) fn parse_mode(raw: &RawMode) -> Result<u32, String> {
-    const HINT: &str = "use \"0600\" (owner only) or \"0640\" (owner, plus read for the group)";
-    let text = match raw {
-        RawMode::Number(n) => {
-            return Err(format!(
-                "`mode: {n}` is a YAML number, which YAML readers disagree about (octal or \
-                 decimal): write the mode quoted, e.g. `mode: \"0600\"`"
-            ));
-        }
-        RawMode::Text(t) => t.trim(),
-    };
-    if text.is_empty() || text.len() > 4 || !text.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
-        return Err(format!(
-            "`{}` is not an octal file mode: {HINT}",
-            text.escape_debug()
-        ));
-    }
-    let mode = u32::from_str_radix(text, 8).map_err(|e| e.to_string())?;
-    let mut wrong = Vec::new();
-    if mode & 0o7000 != 0 {
-        wrong.push("sets setuid, setgid or sticky");
-    }
-    if mode & 0o111 != 0 {
-        wrong.push("makes it executable");
-    }
-    if mode & 0o007 != 0 {
-        wrong.push("gives access to other users");
-    }
-    if mode & 0o020 != 0 {
-        wrong.push("lets the group write");
-    }
-    if mode & 0o400 == 0 {
-        wrong.push("does not let the owner read it");
-    }
-    if wrong.is_empty() {
-        Ok(mode)
-    } else {
-        Err(format!(
-            "mode {text} {} a private key file: {HINT}",
-            join_reasons(&wrong)
-        ))
-    }
-}
-
-fn join_reasons(reasons: &[&str]) -> String {
-    match reasons {
-        [] => String::new(),
-        [one] => format!("{one} on"),
-        [init @ .., last] => format!("{} and {last} on", init.join(", ")),
-    }
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(super) enum HttpRule {
-    /// `http://` only to this host itself (tests, a local proxy); https elsewhere.
-    LoopbackOnly,
-    /// `http://` anywhere (the ECS metadata service speaks plain http on a link-local address).
-    Any,
-}
-
-/// A base URL: `https://host[:port][/path]`, returned without trailing `/`.
-pub(super) fn check_url(text: &str, http: HttpRule) -> Result<String, String> {
-    let shown = text.escape_debug();
-    let bad = |why: &str| Err(format!("`{shown}` is not a usable endpoint: {why}"));
-    let (is_http, rest) = if let Some(rest) = text.strip_prefix("https://") {
-        (false, rest)
-    } else if let Some(rest) = text.strip_prefix("http://") {
-        (true, rest)
-    } else {
-        return bad("write an https:// URL, e.g. `https://kms.cn-north-4.myhuaweicloud.com`");
-    };
-    if text
-        .chars()
-        .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '?' | '#' | '@' | '\\'))
-    {
-        return bad("write a plain base URL, without spaces, `?query`, `#fragment` or `user@`");
-    }
-    let authority = rest.split('/').next().unwrap_or("");
-    let host = if let Some(v6) = authority.strip_prefix('[') {
-        let Some(end) = v6.find(']') else {
-            return bad("unclosed `[` in the host");
-        };
-        let port = &v6[end + 1..];
-        if !port.is_empty() && !valid_port(port.strip_prefix(':').unwrap_or("x")) {
-            return bad("the port must be a number from 1 to 65535");
-        }
-        &authority[..end + 2]
-    } else {
-        match authority.rsplit_once(':') {
-            Some((host, port)) => {
-                if !valid_port(port) {
-                    return bad("the port must be a number from 1 to 65535");
-                }
-                host
-            }
-            None => authority,
-        }
-    };
-    if host.is_empty()
-        || !host.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'[' | b']' | b':')
-        })
-    {
-        return bad("the host name is missing or has characters a host cannot have");
-    }
-    if is_http && http == HttpRule::LoopbackOnly && !is_loopback(host) {
-        return bad(
-            "plain http:// is allowed only to this host (localhost, 127.0.0.1, [::1]); use https://",
-        );
-    }
-    Ok(text.trim_end_matches('/').to_string())
-}
-
-fn valid_port(port: &str) -> bool {
-    !port.is_empty()
-        && port.len() <= 5
-        && port.bytes().all(|b| b.is_ascii_digit())
-        && port.parse::<u32>().is_ok_and(|p| (1..=65535).contains(&p))
-}
-
-fn is_loopback(host: &str) -> bool {
-    host.eq_ignore_ascii_case("localhost")
-        || host == "[::1]"
-        || host.parse::<Ipv4Addr>().is_ok_and(|ip| ip.is_loopback())
 }
