@@ -7,6 +7,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod archive;
 pub mod encrypt;
+pub mod keycheck;
 pub mod manifest;
 pub mod secret;
