@@ -36,7 +36,6 @@ const CENTRAL_HEADER_LEN: usize = 46;
 
 const S_IFMT: u32 = 0o170_000;
 const S_IFREG: u32 = 0o100_000;
-const S_IFDIR: u32 = 0o040_000;
 const S_IFLNK: u32 = 0o120_000;
 
 /// Hard limits on what one archive may cost. The defaults are generous for up to ten SSH keys
@@ -693,6 +692,8 @@ mod tests {
     use std::io::Write;
     use std::time::{Duration, Instant};
     use zip::write::SimpleFileOptions;
+
+    const S_IFDIR: u32 = 0o040_000;
 
     fn names(list: &[&str]) -> Vec<String> {
         list.iter().map(|s| s.to_string()).collect()
