@@ -143,15 +143,10 @@ pub async fn reconcile_once(
                 outcome.result = write::remove(&action.path).map_err(|e| failure("prune", e.to_string()));
                 if outcome.result.is_ok() {
                     tracing::info!(key = %action.key, path = %action.path.display(), "pruned: no longer in the manifest");
-                    state.files.remove(&action.key);
-                    state.errors.remove(&action.key);
+                    state.forget(&action.key, &action.path);
                 }
             }
-            Change::Forget => {
-                if state.files.get(&action.key).is_some_and(|r| r.path == action.path) {
-                    state.files.remove(&action.key);
-                }
-            }
+            Change::Forget => state.forget(&action.key, &action.path),
             Change::Conflict(reason) => {
                 outcome.result = Err(failure("conflict", format!("{}: {reason}", action.path.display())));
             }
