@@ -161,7 +161,10 @@ impl Auth {
     /// Check the files this source reads: present, readable, and not readable by group or
     /// others. Reads no secret into memory beyond opening the file.
     pub fn check_files(&self) -> Vec<FileCheck> {
-        self.files().iter().flat_map(|p| check_secret_file(p)).collect()
+        self.files()
+            .iter()
+            .flat_map(|p| check_secret_file(p))
+            .collect()
     }
 
     fn files(&self) -> Vec<PathBuf> {
@@ -185,7 +188,10 @@ pub fn check_secret_file(path: &Path) -> Vec<FileCheck> {
         }
     };
     if !meta.is_file() {
-        return vec![FileCheck::Error(format!("{}: not a regular file", path.display()))];
+        return vec![FileCheck::Error(format!(
+            "{}: not a regular file",
+            path.display()
+        ))];
     }
     if let Err(e) = std::fs::File::open(path) {
         return vec![FileCheck::Error(format!(

@@ -1,9 +1,155 @@
 //! The manifest: YAML in, a validated [`Manifest`] out, or an error naming the file, the line
 //! and column, and what to write instead.
+//!
+//! Parse, then validate, in three passes over the text:
+//! 1. `dupkeys`: every mapping at every depth is checked for a repeated key (serde_yaml would
+//!    keep the last one silently); YAML syntax errors surface here too.
+//! 2. `raw`: serde structs with `deny_unknown_fields`; type errors and unknown fields stop here,
+//!    with serde_yaml's location.
+//! 3. `validate`: every rule, all violations collected, each located with `locate`.
+//!
+//! Paths in the manifest: relative paths resolve against the manifest's folder (the manifest
+//! path made absolute first). A path that starts with `$CREDENTIALS_DIRECTORY/` or
+//! `${CREDENTIALS_DIRECTORY}/` takes that prefix from the environment (systemd sets it for a
+//! unit with `LoadCredential=`); loading fails when it is unset. No other `$VAR` or `~` is
+//! expanded: such a path is refused rather than taken literally.
+//!
+//! `defaults:` fields apply field by field: a key's own `mode`, `owner`, `age_recipients`...
+//! replace the default of that one field. `age_recipients` and `age_recipients_file` are two
+//! fields, and a key is encrypted to both lists together; `age_recipients: []` or
+//! `on_change: []` on a key clears the default. `armor: true` in `defaults:` applies only to
+//! keys that have recipients. An `age_recipients_file` is read at load time (one recipient a
+//! line, `#` comments and blank lines skipped, like `age -R`); an empty one is an error, since
+//! the key would silently be written in the clear.
+//!
+//! Modes must be quoted strings of octal digits. serde_yaml reads YAML 1.2, where an unquoted
+//! `0600` is the string "0600" and is accepted as such; `600`, `0o600` and other numbers are
+//! refused, since YAML readers disagree on what they mean.
 
+mod dupkeys;
+mod duration;
+mod error;
+mod locate;
 mod model;
+mod raw;
+mod rules;
+mod validate;
 
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+pub use error::{Location, ManifestError, Problem};
 pub use model::*;
-// STUB
-pub fn load(_p: &std::path::Path) -> Result<Manifest, String> { Err("stub".into()) }
-pub fn default_path() -> std::path::PathBuf { "/etc/kps-sync/manifest.yaml".into() }
+
+/// Where the manifest is when the command line does not say.
+pub const DEFAULT_PATH: &str = "/etc/kps-sync/manifest.yaml";
+
+/// The environment variable that overrides [`DEFAULT_PATH`].
+pub const PATH_ENV: &str = "KPS_SYNC_MANIFEST";
+
+/// `$KPS_SYNC_MANIFEST` if set and not empty, else `/etc/kps-sync/manifest.yaml`.
+pub fn default_path() -> PathBuf {
+    default_path_from(std::env::var_os(PATH_ENV))
+}
+
+fn default_path_from(env: Option<OsString>) -> PathBuf {
+    match env {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from(DEFAULT_PATH),
+    }
+}
+
+/// Read and validate the manifest at `path`.
+pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
+    let path = absolute(path);
+    let text = std::fs::read(&path)
+        .and_then(|bytes| {
+            String::from_utf8(bytes).map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::InvalidData, "it is not UTF-8 text")
+            })
+        })
+        .map_err(|cause| {
+            let hint = match cause.kind() {
+                std::io::ErrorKind::NotFound => {
+                    "create it, or point `-m/--manifest` or $KPS_SYNC_MANIFEST at yours"
+                }
+                std::io::ErrorKind::PermissionDenied => {
+                    "run kps-sync as a user that can read it (usually root), or fix the file's \
+                     permissions"
+                }
+                std::io::ErrorKind::IsADirectory => "point at the manifest file, not a folder",
+                std::io::ErrorKind::InvalidData => "save it as UTF-8 YAML",
+                _ => "check that the path names a readable YAML file",
+            };
+            ManifestError::Read {
+                path: path.clone(),
+                cause,
+                hint,
+            }
+        })?;
+    load_text(
+        &text,
+        &path,
+        &|name| std::env::var_os(name),
+        &validate::SystemAccounts,
+    )
+}
+
+/// Validate manifest text. `path` names it in messages and anchors relative paths; it need not
+/// exist.
+pub fn load_str(text: &str, path: &Path) -> Result<Manifest, ManifestError> {
+    load_text(
+        text,
+        &absolute(path),
+        &|name| std::env::var_os(name),
+        &validate::SystemAccounts,
+    )
+}
+
+fn load_text(
+    text: &str,
+    path: &Path,
+    env: &dyn Fn(&str) -> Option<OsString>,
+    accounts: &dyn validate::Accounts,
+) -> Result<Manifest, ManifestError> {
+    let invalid = |problems: Vec<Problem>| ManifestError::Invalid {
+        path: path.to_path_buf(),
+        problems,
+    };
+    let blank = text.lines().all(|l| {
+        let l = l.trim();
+        l.is_empty() || l.starts_with('#') || l == "---" || l == "..."
+    });
+    if blank {
+        return Err(invalid(vec![Problem {
+            location: Some(Location { line: 1, column: 1 }),
+            message: "the manifest is empty: it needs at least `version: 1`, `kps:` and `keys:`"
+                .into(),
+        }]));
+    }
+    dupkeys::check(text).map_err(|p| invalid(vec![p]))?;
+    let raw: raw::RawManifest =
+        serde_yaml::from_str(text).map_err(|e| invalid(vec![error::raw_error_problem(&e)]))?;
+    let ctx = validate::Context {
+        manifest: path,
+        env,
+        accounts,
+    };
+    validate::validate(raw, text, &ctx).map_err(invalid)
+}
+
+/// The path made absolute against the current folder, `.` and `..` removed, so messages and
+/// relative paths do not depend on where the process started later.
+fn absolute(path: &Path) -> PathBuf {
+    let joined = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map(|d| d.join(path))
+            .unwrap_or_else(|_| path.to_path_buf())
+    };
+    rules::normalize(&joined)
+}
+
+#[cfg(test)]
+mod tests;

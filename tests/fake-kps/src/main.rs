@@ -1,1 +1,56 @@
-fn main() {}
+//! `fake-kps [--port N] [--keys a,b,c] [--latency-ms N]`: serves the fake on 127.0.0.1 until
+//! killed, after printing `KEY=VALUE` lines a script can source.
+
+use std::time::Duration;
+
+fn main() {
+    let (mut port, mut keys, mut latency_ms) = (0u16, Vec::new(), 0u64);
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || {
+            args.next()
+                .unwrap_or_else(|| usage(&format!("{arg} needs a value")))
+        };
+        match arg.as_str() {
+            "--port" => {
+                port = value()
+                    .parse()
+                    .unwrap_or_else(|_| usage("--port: not a port"))
+            }
+            "--keys" => {
+                keys = value()
+                    .split(',')
+                    .filter(|k| !k.is_empty())
+                    .map(String::from)
+                    .collect()
+            }
+            "--latency-ms" => {
+                latency_ms = value()
+                    .parse()
+                    .unwrap_or_else(|_| usage("--latency-ms: not a number"))
+            }
+            _ => usage(&format!("unknown argument {arg}")),
+        }
+    }
+    let fake = fake_kps::FakeKps::start_on(port).unwrap_or_else(|e| {
+        eprintln!("fake-kps: cannot bind 127.0.0.1:{port}: {e}");
+        std::process::exit(1)
+    });
+    fake.set_latency(Duration::from_millis(latency_ms));
+    for k in &keys {
+        fake.add_key(k);
+    }
+    println!("URL={}", fake.url());
+    println!("TOKEN={}", fake_kps::TOKEN);
+    println!("PROJECT_ID={}", fake_kps::PROJECT_ID);
+    println!("AK={}", fake_kps::AK);
+    println!("SK={}", fake_kps::SK);
+    loop {
+        std::thread::park();
+    }
+}
+
+fn usage(why: &str) -> ! {
+    eprintln!("fake-kps: {why}\nusage: fake-kps [--port N] [--keys a,b,c] [--latency-ms N]");
+    std::process::exit(2)
+}

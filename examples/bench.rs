@@ -1,0 +1,205 @@
+//! `cargo run --release --example bench`: the speed and memory targets, measured on this
+//! machine against the fake KPS on loopback, each printed with its ideal or target beside it.
+//!
+//! The real `kps-sync` binary (release build) runs as a child of a small measuring shim (this
+//! same program re-executed with `--measure`), which reports the child's wall time and peak RSS
+//! from `getrusage(RUSAGE_CHILDREN)`, so the fake's own memory is not counted.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--measure") {
+        return measure(&args[2..]);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let bin = build_release_binary(root);
+    let fake = fake_kps::FakeKps::start();
+    println!(
+        "kps-sync bench on {} cores; binary {}",
+        cores(),
+        bin.display()
+    );
+    println!(
+        "{:<44} {:>12} {:>14} {:>8}",
+        "measurement", "measured", "ideal/target", "ok"
+    );
+
+    // 1. Full sync of 1,000 missing keys, 50 ms per KPS call, concurrency 4.
+    let names: Vec<String> = (0..1000).map(|i| format!("bench-{i:05}")).collect();
+    for n in &names {
+        fake.add_key(n);
+    }
+    fake.set_latency(Duration::from_millis(50));
+    let work = Workdir::new(&fake, &names, 4);
+    fake.reset_stats();
+    let m = work.run(&bin);
+    let ideal = (names.len().div_ceil(10) as f64 / 4.0) * 0.050;
+    report(
+        "full sync, 1,000 keys, +50 ms/call, conc. 4",
+        format!("{:.3} s", m.wall.as_secs_f64()),
+        format!("<= {:.3} s", ideal * 1.3),
+        m.code == 0 && m.wall.as_secs_f64() <= ideal * 1.3,
+    );
+    println!(
+        "{:<44} {:>12} {:>14}",
+        "  (ideal ceil(1000/10)/4 x 50 ms; ratio)",
+        format!("{:.2}x", m.wall.as_secs_f64() / ideal),
+        format!("{ideal:.3} s")
+    );
+    println!(
+        "{:<44} {:>12}",
+        "  batch-export calls",
+        fake.stats().batch_export_calls
+    );
+
+    // 2. Peak RSS during a 10,000-key full sync.
+    let names: Vec<String> = (0..10_000).map(|i| format!("big-{i:05}")).collect();
+    for n in &names {
+        fake.add_key(n);
+    }
+    fake.set_latency(Duration::ZERO);
+    let work = Workdir::new(&fake, &names, 4);
+    fake.reset_stats();
+    let m = work.run(&bin);
+    report(
+        "peak RSS, full sync of 10,000 keys",
+        format!("{:.1} MiB", m.max_rss_kib as f64 / 1024.0),
+        "<= 40.0 MiB".into(),
+        m.code == 0 && m.max_rss_kib <= 40 * 1024,
+    );
+    println!(
+        "{:<44} {:>12}",
+        "  (its wall time)",
+        format!("{:.3} s", m.wall.as_secs_f64())
+    );
+
+    // 3. A no-op pass over the 10,000 present keys: median of 5 runs, and no KPS call.
+    fake.reset_stats();
+    let mut walls: Vec<Duration> = (0..5)
+        .map(|_| {
+            let m = work.run(&bin);
+            assert_eq!(m.code, 0, "no-op pass failed");
+            m.wall
+        })
+        .collect();
+    walls.sort();
+    let median = walls[walls.len() / 2];
+    let calls = fake.stats();
+    let total_calls = calls.batch_export_calls
+        + calls.single_export_calls
+        + calls.list_calls
+        + calls.detail_calls;
+    report(
+        "no-op pass, 10,000 present keys (median/5)",
+        format!("{:.1} ms", median.as_secs_f64() * 1000.0),
+        "<= 100 ms".into(),
+        median <= Duration::from_millis(100),
+    );
+    report(
+        "  KPS calls during the no-op passes",
+        total_calls.to_string(),
+        "0".into(),
+        total_calls == 0,
+    );
+    println!(
+        "{:<44} {:>12}",
+        "  (min / max)",
+        format!(
+            "{:.1} / {:.1} ms",
+            walls[0].as_secs_f64() * 1e3,
+            walls[4].as_secs_f64() * 1e3
+        )
+    );
+}
+
+fn report(what: &str, measured: String, target: String, ok: bool) {
+    println!(
+        "{what:<44} {measured:>12} {target:>14} {:>8}",
+        if ok { "yes" } else { "NO" }
+    );
+}
+
+struct Measured {
+    code: i32,
+    wall: Duration,
+    max_rss_kib: i64,
+}
+
+/// A folder with a manifest for `names` and a token file.
+struct Workdir {
+    dir: tempfile::TempDir,
+}
+
+impl Workdir {
+    fn new(fake: &fake_kps::FakeKps, names: &[String], concurrency: usize) -> Workdir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token"), fake_kps::TOKEN).unwrap();
+        let mut text = format!(
+            "version: 1\nkps:\n  endpoint: {}\n  project_id: {}\n  auth:\n    token_file: token\nsettings:\n  state_dir: state\n  concurrency: {concurrency}\nkeys:\n",
+            fake.url(),
+            fake_kps::PROJECT_ID
+        );
+        for n in names {
+            text.push_str(&format!("  {n}: keys/{n}.pem\n"));
+        }
+        std::fs::write(dir.path().join("manifest.yaml"), text).unwrap();
+        Workdir { dir }
+    }
+
+    fn run(&self, bin: &Path) -> Measured {
+        let out = Command::new(std::env::current_exe().unwrap())
+            .arg("--measure")
+            .arg(bin)
+            .args(["reconcile", "-m"])
+            .arg(self.dir.path().join("manifest.yaml"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut fields = text.split_whitespace().map(|f| f.parse::<i64>().unwrap());
+        Measured {
+            code: fields.next().unwrap() as i32,
+            wall: Duration::from_micros(fields.next().unwrap() as u64),
+            max_rss_kib: fields.next().unwrap(),
+        }
+    }
+}
+
+/// The shim: run the command, print `exit wall_us max_rss_kib`.
+fn measure(cmd: &[String]) {
+    let started = Instant::now();
+    let status = Command::new(&cmd[0])
+        .args(&cmd[1..])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    let wall = started.elapsed();
+    let usage =
+        nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN).unwrap();
+    println!(
+        "{} {} {}",
+        status.code().unwrap_or(-1),
+        wall.as_micros(),
+        usage.max_rss()
+    );
+}
+
+fn build_release_binary(root: &Path) -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--release", "--quiet", "--bin", "kps-sync"])
+        .current_dir(root)
+        .status()
+        .unwrap();
+    assert!(status.success(), "building the release binary failed");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    target.join("release/kps-sync")
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}

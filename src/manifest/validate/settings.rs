@@ -1,0 +1,134 @@
+//! `settings:`, each with its default.
+
+use super::*;
+
+impl Checker<'_> {
+    pub(super) fn settings(&mut self, s: RawSettings) -> Option<Settings> {
+        let at = |k: &str| path(&["settings", k]);
+        let mut ok = true;
+        let state_dir = match &s.state_dir {
+            None => Some(PathBuf::from(DEFAULT_STATE_DIR)),
+            Some(d) => self.resolve(d, at("state_dir"), "state_dir"),
+        };
+        let mut duration =
+            |c: &mut Self, field: &str, raw: &Option<Text>, default: Duration, zero_ok: bool| {
+                let Some(raw) = raw else {
+                    return default;
+                };
+                match duration::parse(raw.as_str()) {
+                    Ok(d) if d.is_zero() && !zero_ok => {
+                        c.problem(
+                            at(field),
+                            Target::Value,
+                            format!(
+                                "`{field}` cannot be zero: write a positive duration like `5m`"
+                            ),
+                        );
+                        ok = false;
+                        default
+                    }
+                    Ok(d) => d,
+                    Err(why) => {
+                        c.problem(at(field), Target::Value, format!("`{field}`: {why}"));
+                        ok = false;
+                        default
+                    }
+                }
+            };
+        let interval = duration(self, "interval", &s.interval, DEFAULT_INTERVAL, false);
+        let debounce = duration(self, "debounce", &s.debounce, DEFAULT_DEBOUNCE, true);
+        let hook_timeout = duration(
+            self,
+            "hook_timeout",
+            &s.hook_timeout,
+            DEFAULT_HOOK_TIMEOUT,
+            false,
+        );
+        let concurrency = match s.concurrency {
+            None => DEFAULT_CONCURRENCY,
+            Some(n) if (1..=MAX_CONCURRENCY).contains(&n) => n as usize,
+            Some(n) => {
+                self.problem(
+                    at("concurrency"),
+                    Target::Value,
+                    format!(
+                        "`concurrency: {n}` is out of range: write a number from 1 to \
+                         {MAX_CONCURRENCY} (default {DEFAULT_CONCURRENCY})"
+                    ),
+                );
+                ok = false;
+                DEFAULT_CONCURRENCY
+            }
+        };
+        let watch = match s.watch.as_ref().map(Text::as_str) {
+            None | Some("inotify") => WatchMode::Inotify,
+            Some("poll") => WatchMode::Poll,
+            Some(other) => {
+                self.problem(
+                    at("watch"),
+                    Target::Value,
+                    format!("`watch: {other}` is not a watch mode: write `inotify` or `poll`"),
+                );
+                ok = false;
+                WatchMode::Inotify
+            }
+        };
+        let max_rps = match s.max_rps {
+            None => None,
+            Some(r) if r.is_finite() && r > 0.0 => Some(r),
+            Some(r) => {
+                self.problem(
+                    at("max_rps"),
+                    Target::Value,
+                    format!(
+                        "`max_rps: {r}` must be a positive number of requests per second (e.g. \
+                         `10`), or left out for no cap"
+                    ),
+                );
+                ok = false;
+                None
+            }
+        };
+        let metrics_file = match &s.metrics_file {
+            None => None,
+            Some(f) => {
+                let r = self.resolve(f, at("metrics_file"), "metrics_file");
+                ok &= r.is_some();
+                r
+            }
+        };
+        let metrics_listen = match &s.metrics_listen {
+            None => None,
+            Some(a) => match a.as_str().parse::<SocketAddr>() {
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    self.problem(
+                        at("metrics_listen"),
+                        Target::Value,
+                        format!(
+                            "`metrics_listen: {}` is not an address and port: write e.g. \
+                             `127.0.0.1:9464` or `[::1]:9464`",
+                            a.as_str()
+                        ),
+                    );
+                    ok = false;
+                    None
+                }
+            },
+        };
+        let state_dir = state_dir?;
+        ok.then_some(Settings {
+            state_dir,
+            interval,
+            debounce,
+            concurrency,
+            prune: s.prune.unwrap_or(false),
+            hook_timeout,
+            verify_remote: s.verify_remote.unwrap_or(false),
+            watch,
+            max_rps,
+            metrics_file,
+            metrics_listen,
+        })
+    }
+}
