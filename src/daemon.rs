@@ -395,10 +395,11 @@ impl Daemon {
 
     /// What to watch for the manifest in force.
     fn targets(&self) -> Targets {
-        let resolved = std::fs::canonicalize(&self.manifest_path).ok();
         Targets::new(
             &self.manifest_path,
-            std::iter::once(self.manifest.path.clone()).chain(resolved),
+            crate::watch::resolution_chain(&self.manifest_path)
+                .into_iter()
+                .chain([self.manifest.path.clone()]),
             self.manifest.keys.iter().map(|k| k.path.clone()),
         )
     }
@@ -407,8 +408,9 @@ impl Daemon {
     /// manifest is now in force. A manifest that does not load is logged with its line and
     /// column, and the last good one stays.
     fn check_manifest(&mut self, force: bool) -> bool {
-        let hash = match manifest_hash(&self.manifest_path) {
-            Ok(h) => h,
+        // One read serves both the hash and the load, so what is judged is what was hashed.
+        let bytes = match std::fs::read(&self.manifest_path) {
+            Ok(b) => b,
             Err(e) => {
                 tracing::warn!(
                     path = %self.manifest_path.display(),
@@ -418,12 +420,13 @@ impl Daemon {
                 return false;
             }
         };
+        let hash: [u8; 32] = Sha256::digest(&bytes).into();
         if !force && self.seen_hash == Some(hash) {
             tracing::debug!("manifest touched, content unchanged");
             return false;
         }
         self.seen_hash = Some(hash);
-        match self.load() {
+        match self.load(bytes) {
             Ok(()) => {
                 self.manifest_rejected = false;
                 tracing::info!(
@@ -445,8 +448,14 @@ impl Daemon {
     }
 
     /// Load the manifest and everything that depends on it, or change nothing.
-    fn load(&mut self) -> Result<(), String> {
-        let manifest = manifest::load(&self.manifest_path).map_err(|e| e.to_string())?;
+    fn load(&mut self, bytes: Vec<u8>) -> Result<(), String> {
+        let text = String::from_utf8(bytes).map_err(|_| {
+            format!(
+                "{}: it is not UTF-8 text; save it as UTF-8 YAML",
+                self.manifest_path.display()
+            )
+        })?;
+        let manifest = manifest::load_str(&text, &self.manifest_path).map_err(|e| e.to_string())?;
         let env = |name: &str| std::env::var(name).ok();
         let auth = Auth::resolve(&manifest.kps.auth, &env).map_err(|e| e.to_string())?;
         let client = KpsClient::new(

@@ -34,8 +34,8 @@ pub const QUEUE: usize = 1024;
 /// Why the daemon's loop should look again.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Wake {
-    /// Something changed in a folder holding the manifest; the content hash decides whether the
-    /// manifest did.
+    /// The manifest file, or a symlink on the way to it, was replaced, written or removed; the
+    /// content hash decides whether the manifest changed.
     Manifest,
     /// A managed file (or the folder holding it) was created, removed, renamed, written or
     /// had its metadata changed.
@@ -49,25 +49,33 @@ pub enum Wake {
 pub struct Targets {
     /// The manifest as the daemon was told (absolute); polled in `poll` mode.
     pub manifest: PathBuf,
-    /// Folders holding the manifest, as given and as resolved through symlinks.
+    /// The manifest's path and every symlink met resolving it, and the file it resolves to:
+    /// replacing any of them (an editor's rename, a `..data` swap) may change the manifest.
+    pub manifest_paths: BTreeSet<PathBuf>,
+    /// The folders holding those.
     pub manifest_dirs: BTreeSet<PathBuf>,
     /// Every managed file's path.
     pub keys: BTreeSet<PathBuf>,
 }
 
 impl Targets {
-    /// `manifest_files` are the manifest's path as given plus any resolved forms of it.
+    /// `manifest_paths` are the manifest's path as given plus what it resolves through (see
+    /// [`resolution_chain`]).
     pub fn new(
         manifest: &Path,
-        manifest_files: impl IntoIterator<Item = PathBuf>,
+        manifest_paths: impl IntoIterator<Item = PathBuf>,
         keys: impl IntoIterator<Item = PathBuf>,
     ) -> Targets {
+        let manifest_paths: BTreeSet<PathBuf> = std::iter::once(manifest.to_path_buf())
+            .chain(manifest_paths)
+            .collect();
         Targets {
             manifest: manifest.to_path_buf(),
-            manifest_dirs: std::iter::once(manifest.to_path_buf())
-                .chain(manifest_files)
+            manifest_dirs: manifest_paths
+                .iter()
                 .filter_map(|p| p.parent().map(Path::to_path_buf))
                 .collect(),
+            manifest_paths,
             keys: keys.into_iter().collect(),
         }
     }
@@ -88,6 +96,59 @@ impl Targets {
     fn key_dirs(&self) -> BTreeSet<&Path> {
         self.keys.iter().filter_map(|k| k.parent()).collect()
     }
+}
+
+/// Every path met while resolving `path` (absolute) through symlinks: each symlink, in any
+/// component, and the file it ends at. A Kubernetes ConfigMap gives
+/// `cfg/manifest.yaml -> ..data/manifest.yaml`, `cfg/..data -> ..2024_01_01`, ending at
+/// `cfg/..2024_01_01/manifest.yaml`; the update renames a new `..data` into place. A missing
+/// component ends the walk there (the chain is recomputed after the next change).
+pub fn resolution_chain(path: &Path) -> Vec<PathBuf> {
+    use std::path::Component;
+    const MAX_HOPS: usize = 40; // as the kernel's ELOOP limit
+    let mut chain = Vec::new();
+    let mut resolved = PathBuf::from("/");
+    let mut pending: VecDeque<std::ffi::OsString> = VecDeque::new();
+    let push_components = |pending: &mut VecDeque<_>, p: &Path, front: bool| {
+        let parts: Vec<std::ffi::OsString> = p
+            .components()
+            .filter_map(|c| match c {
+                Component::Normal(n) => Some(n.to_os_string()),
+                Component::ParentDir => Some("..".into()),
+                _ => None,
+            })
+            .collect();
+        if front {
+            for part in parts.into_iter().rev() {
+                pending.push_front(part);
+            }
+        } else {
+            pending.extend(parts);
+        }
+    };
+    push_components(&mut pending, path, false);
+    let mut hops = 0;
+    while let Some(part) = pending.pop_front() {
+        if part == ".." {
+            resolved.pop();
+            continue;
+        }
+        let candidate = resolved.join(&part);
+        match std::fs::read_link(&candidate) {
+            Ok(target) if hops < MAX_HOPS => {
+                hops += 1;
+                chain.push(candidate);
+                if target.is_absolute() {
+                    resolved = PathBuf::from("/");
+                }
+                push_components(&mut pending, &target, true);
+            }
+            Ok(_) => break,
+            Err(_) => resolved = candidate,
+        }
+    }
+    chain.push(resolved);
+    chain
 }
 
 /// The atomic writer's temporary files: `.kps-sync-XXXXXX.tmp` in the destination's folder.
@@ -130,10 +191,7 @@ pub fn classify(event: &Event, targets: &Targets) -> Vec<Wake> {
         {
             wakes.insert(Wake::Drift(path.clone()));
         }
-        let in_manifest_dir = path
-            .parent()
-            .is_some_and(|p| targets.manifest_dirs.contains(p));
-        if in_manifest_dir || targets.manifest_dirs.contains(path) {
+        if targets.manifest_paths.contains(path) || targets.manifest_dirs.contains(path) {
             wakes.insert(Wake::Manifest);
         }
     }
@@ -440,7 +498,10 @@ mod tests {
     fn targets() -> Targets {
         Targets::new(
             Path::new("/etc/kps-sync/manifest.yaml"),
-            [PathBuf::from("/etc/kps-sync/..2024_01_01/manifest.yaml")],
+            [
+                PathBuf::from("/etc/kps-sync/..data"),
+                PathBuf::from("/etc/kps-sync/..2024_01_01/manifest.yaml"),
+            ],
             [
                 PathBuf::from("/srv/keys/web.pem"),
                 PathBuf::from("/etc/ssh/keys/db.pem"),
@@ -492,6 +553,54 @@ mod tests {
             &["/etc/kps-sync/..data"],
         );
         assert_eq!(classify(&swap, &t), vec![Wake::Manifest]);
+    }
+
+    #[test]
+    fn neighbours_of_the_manifest_wake_nobody() {
+        // A log or a swap file next to the manifest must not make the daemon re-read it.
+        let t = targets();
+        for name in ["daemon.log", ".manifest.yaml.swp", "4913", "manifest.yaml~"] {
+            let write = event(
+                EventKind::Modify(ModifyKind::Data(notify::event::DataChange::Any)),
+                &[&format!("/etc/kps-sync/{name}")],
+            );
+            assert_eq!(classify(&write, &t), vec![], "{name}");
+        }
+        let moved_away = event(EventKind::Remove(RemoveKind::Folder), &["/etc/kps-sync"]);
+        assert_eq!(classify(&moved_away, &t), vec![Wake::Manifest]);
+    }
+
+    #[test]
+    fn the_resolution_chain_names_every_symlink_on_the_way() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().canonicalize().unwrap();
+        std::fs::create_dir(dir.join("..2024_01_01")).unwrap();
+        std::fs::write(dir.join("..2024_01_01/manifest.yaml"), "x").unwrap();
+        std::os::unix::fs::symlink("..2024_01_01", dir.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/manifest.yaml", dir.join("manifest.yaml")).unwrap();
+        assert_eq!(
+            resolution_chain(&dir.join("manifest.yaml")),
+            vec![
+                dir.join("manifest.yaml"),
+                dir.join("..data"),
+                dir.join("..2024_01_01/manifest.yaml"),
+            ]
+        );
+        std::fs::write(dir.join("plain.yaml"), "x").unwrap();
+        assert_eq!(
+            resolution_chain(&dir.join("plain.yaml")),
+            vec![dir.join("plain.yaml")]
+        );
+        // An absolute link and a `..` in a target.
+        std::fs::create_dir(dir.join("etc")).unwrap();
+        std::os::unix::fs::symlink(dir.join("etc/../plain.yaml"), dir.join("etc/m.yaml")).unwrap();
+        assert_eq!(
+            resolution_chain(&dir.join("etc/m.yaml")),
+            vec![dir.join("etc/m.yaml"), dir.join("plain.yaml")]
+        );
+        // A loop ends without hanging.
+        std::os::unix::fs::symlink("loop", dir.join("loop")).unwrap();
+        assert!(resolution_chain(&dir.join("loop")).len() <= 42);
     }
 
     #[test]
@@ -566,17 +675,19 @@ mod tests {
     }
 
     #[test]
-    fn a_key_in_the_manifest_folder_wakes_both() {
+    fn a_key_next_to_the_manifest_is_told_apart_from_it() {
         let t = Targets::new(
             Path::new("/cfg/manifest.yaml"),
             [],
             [PathBuf::from("/cfg/key.pem")],
         );
         let rm = event(EventKind::Remove(RemoveKind::File), &["/cfg/key.pem"]);
-        assert_eq!(
-            classify(&rm, &t),
-            vec![Wake::Manifest, Wake::Drift("/cfg/key.pem".into())]
+        assert_eq!(classify(&rm, &t), vec![Wake::Drift("/cfg/key.pem".into())]);
+        let edit = event(
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+            &["/cfg/manifest.yaml"],
         );
+        assert_eq!(classify(&edit, &t), vec![Wake::Manifest]);
     }
 
     #[test]
