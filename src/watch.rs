@@ -309,9 +309,11 @@ impl Watcher {
         matches!(self.backend, Backend::Poll { .. })
     }
 
-    /// Watch what `targets` names; also re-checks folders already watched, since one removed
-    /// and made again (by the pass itself, for a missing parent) needs a new watch. Folders that
-    /// do not exist are skipped: the pass creates them, and the next call watches them.
+    /// Watch what `targets` names; called after every pass. With inotify it also re-checks
+    /// folders already watched, since one removed and made again (by the pass itself, for a
+    /// missing parent) needs a new watch; folders that do not exist are skipped (the pass
+    /// creates them, and the next call watches them). Polling takes the files as they are now
+    /// as its new baseline.
     pub fn set_targets(&mut self, targets: Targets) {
         match &mut self.backend {
             Backend::Notify {
@@ -356,11 +358,14 @@ impl Watcher {
                 if targets.manifest != self.targets.manifest {
                     *manifest = Fingerprint::of_link_and_target(&targets.manifest);
                 }
-                keys.retain(|k, _| targets.keys.contains(k));
-                for k in &targets.keys {
-                    keys.entry(k.clone())
-                        .or_insert_with(|| Fingerprint::of_path(k));
-                }
+                // The daemon calls this after each pass: what the pass left is the new baseline,
+                // so its own writes are not taken for drift. (A change made during the pass
+                // itself is left to the interval pass; with inotify it is seen.)
+                *keys = targets
+                    .keys
+                    .iter()
+                    .map(|k| (k.clone(), Fingerprint::of_path(k)))
+                    .collect();
             }
         }
         self.targets = targets;
