@@ -98,7 +98,6 @@ pub fn parse_recipient(text: &str) -> Result<ParsedRecipient, String> {
 mod tests {
     use super::*;
     use crate::manifest::Recipient;
-    use age::secrecy::ExposeSecret;
     use std::io::{BufReader, Read};
     use std::path::Path;
     use std::process::Command;
