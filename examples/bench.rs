@@ -17,8 +17,15 @@ fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let bin = build_release_binary(root);
     let fake = fake_kps::FakeKps::start();
-    println!("kps-sync bench on {} cores; binary {}", cores(), bin.display());
-    println!("{:<44} {:>12} {:>14} {:>8}", "measurement", "measured", "ideal/target", "ok");
+    println!(
+        "kps-sync bench on {} cores; binary {}",
+        cores(),
+        bin.display()
+    );
+    println!(
+        "{:<44} {:>12} {:>14} {:>8}",
+        "measurement", "measured", "ideal/target", "ok"
+    );
 
     // 1. Full sync of 1,000 missing keys, 50 ms per KPS call, concurrency 4.
     let names: Vec<String> = (0..1000).map(|i| format!("bench-{i:05}")).collect();
@@ -42,7 +49,11 @@ fn main() {
         format!("{:.2}x", m.wall.as_secs_f64() / ideal),
         format!("{ideal:.3} s")
     );
-    println!("{:<44} {:>12}", "  batch-export calls", fake.stats().batch_export_calls);
+    println!(
+        "{:<44} {:>12}",
+        "  batch-export calls",
+        fake.stats().batch_export_calls
+    );
 
     // 2. Peak RSS during a 10,000-key full sync.
     let names: Vec<String> = (0..10_000).map(|i| format!("big-{i:05}")).collect();
@@ -59,7 +70,11 @@ fn main() {
         "<= 40.0 MiB".into(),
         m.code == 0 && m.max_rss_kib <= 40 * 1024,
     );
-    println!("{:<44} {:>12}", "  (its wall time)", format!("{:.3} s", m.wall.as_secs_f64()));
+    println!(
+        "{:<44} {:>12}",
+        "  (its wall time)",
+        format!("{:.3} s", m.wall.as_secs_f64())
+    );
 
     // 3. A no-op pass over the 10,000 present keys: median of 5 runs, and no KPS call.
     fake.reset_stats();
@@ -73,19 +88,38 @@ fn main() {
     walls.sort();
     let median = walls[walls.len() / 2];
     let calls = fake.stats();
-    let total_calls = calls.batch_export_calls + calls.single_export_calls + calls.list_calls + calls.detail_calls;
+    let total_calls = calls.batch_export_calls
+        + calls.single_export_calls
+        + calls.list_calls
+        + calls.detail_calls;
     report(
         "no-op pass, 10,000 present keys (median/5)",
         format!("{:.1} ms", median.as_secs_f64() * 1000.0),
         "<= 100 ms".into(),
         median <= Duration::from_millis(100),
     );
-    report("  KPS calls during the no-op passes", total_calls.to_string(), "0".into(), total_calls == 0);
-    println!("{:<44} {:>12}", "  (min / max)", format!("{:.1} / {:.1} ms", walls[0].as_secs_f64() * 1e3, walls[4].as_secs_f64() * 1e3));
+    report(
+        "  KPS calls during the no-op passes",
+        total_calls.to_string(),
+        "0".into(),
+        total_calls == 0,
+    );
+    println!(
+        "{:<44} {:>12}",
+        "  (min / max)",
+        format!(
+            "{:.1} / {:.1} ms",
+            walls[0].as_secs_f64() * 1e3,
+            walls[4].as_secs_f64() * 1e3
+        )
+    );
 }
 
 fn report(what: &str, measured: String, target: String, ok: bool) {
-    println!("{what:<44} {measured:>12} {target:>14} {:>8}", if ok { "yes" } else { "NO" });
+    println!(
+        "{what:<44} {measured:>12} {target:>14} {:>8}",
+        if ok { "yes" } else { "NO" }
+    );
 }
 
 struct Measured {
@@ -142,8 +176,14 @@ fn measure(cmd: &[String]) {
         .status()
         .unwrap();
     let wall = started.elapsed();
-    let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN).unwrap();
-    println!("{} {} {}", status.code().unwrap_or(-1), wall.as_micros(), usage.max_rss());
+    let usage =
+        nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN).unwrap();
+    println!(
+        "{} {} {}",
+        status.code().unwrap_or(-1),
+        wall.as_micros(),
+        usage.max_rss()
+    );
 }
 
 fn build_release_binary(root: &Path) -> PathBuf {

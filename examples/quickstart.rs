@@ -24,7 +24,10 @@ async fn main() {
 
     // The example manifest, pointed at the fake, with a token file beside it.
     let text = std::fs::read_to_string(root.join("examples/manifest.yaml")).unwrap();
-    let text = text.replace("endpoint: http://127.0.0.1:8701", &format!("endpoint: {}", fake.url()));
+    let text = text.replace(
+        "endpoint: http://127.0.0.1:8701",
+        &format!("endpoint: {}", fake.url()),
+    );
     let manifest = work.join("manifest.yaml");
     std::fs::write(&manifest, text).unwrap();
     let token = work.join("kps-token");
@@ -39,9 +42,17 @@ async fn main() {
     done(commands::reconcile(&manifest, None).await);
 
     println!("$ ls -l target/quickstart/keys");
-    for rel in ["keys/web-prod.pem", "keys/deploy-bot.pem", "keys/backup/id_backup"] {
+    for rel in [
+        "keys/web-prod.pem",
+        "keys/deploy-bot.pem",
+        "keys/backup/id_backup",
+    ] {
         let meta = std::fs::metadata(work.join(rel)).unwrap();
-        println!("  {:o}  {:>5} bytes  {rel}", meta.permissions().mode() & 0o777, meta.len());
+        println!(
+            "  {:o}  {:>5} bytes  {rel}",
+            meta.permissions().mode() & 0o777,
+            meta.len()
+        );
     }
     let identity = std::fs::read_to_string(root.join("examples/age-identity.example.txt")).unwrap();
     let identity: age::x25519::Identity = identity

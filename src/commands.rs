@@ -40,12 +40,17 @@ pub fn client_for(manifest: &Manifest) -> Result<Arc<KpsClient>, u8> {
         EXIT_INVALID
     })?;
     tracing::info!(source = %auth.source(), endpoint = %manifest.kps.endpoint, "using KPS credentials");
-    KpsClient::new(&manifest.kps, &manifest.settings, Arc::new(auth), RetryPolicy::default())
-        .map(Arc::new)
-        .map_err(|e| {
-            eprintln!("error: {e}");
-            EXIT_INVALID
-        })
+    KpsClient::new(
+        &manifest.kps,
+        &manifest.settings,
+        Arc::new(auth),
+        RetryPolicy::default(),
+    )
+    .map(Arc::new)
+    .map_err(|e| {
+        eprintln!("error: {e}");
+        EXIT_INVALID
+    })
 }
 
 /// `kps-sync reconcile`: one pass, then exit.
@@ -60,7 +65,10 @@ pub async fn reconcile(manifest_path: &Path, splay: Option<Duration>) -> u8 {
     };
     if let Some(splay) = splay.filter(|s| !s.is_zero()) {
         let delay = Duration::from_millis(fastrand::u64(0..=splay.as_millis() as u64));
-        tracing::info!(delay_ms = delay.as_millis() as u64, "splay: waiting before the pass");
+        tracing::info!(
+            delay_ms = delay.as_millis() as u64,
+            "splay: waiting before the pass"
+        );
         tokio::time::sleep(delay).await;
     }
     let state_dir = manifest.settings.state_dir.clone();
@@ -77,7 +85,11 @@ pub async fn reconcile(manifest_path: &Path, splay: Option<Duration>) -> u8 {
     match result {
         Ok(report) => {
             print_report(&report);
-            if report.is_success() { EXIT_OK } else { EXIT_FAILED }
+            if report.is_success() {
+                EXIT_OK
+            } else {
+                EXIT_FAILED
+            }
         }
         Err(e) => {
             eprintln!("error: {e}");
@@ -91,7 +103,13 @@ pub fn print_report(report: &PassReport) {
     let mut out = std::io::stdout().lock();
     for o in &report.outcomes {
         if o.change.is_pending() && o.result.is_ok() {
-            let _ = writeln!(out, "{:<11} {}  {}", past_tense(&o.change), o.key, o.path.display());
+            let _ = writeln!(
+                out,
+                "{:<11} {}  {}",
+                past_tense(&o.change),
+                o.key,
+                o.path.display()
+            );
         }
     }
     let _ = writeln!(
@@ -102,7 +120,13 @@ pub fn print_report(report: &PassReport) {
     drop(out);
     for o in &report.outcomes {
         if let Err(f) = &o.result {
-            eprintln!("error: key {} ({}): {}: {}", o.key, o.path.display(), f.code, f.message);
+            eprintln!(
+                "error: key {} ({}): {}: {}",
+                o.key,
+                o.path.display(),
+                f.code,
+                f.message
+            );
         }
     }
     for h in &report.hook_failures {
@@ -137,7 +161,13 @@ pub async fn plan(manifest_path: &Path, detailed_exitcode: bool) -> u8 {
     let mut out = std::io::stdout().lock();
     for a in &plan.actions {
         if a.change != Change::Forget {
-            let _ = writeln!(out, "{:<11} {}  {}", a.change.word(), a.key, a.path.display());
+            let _ = writeln!(
+                out,
+                "{:<11} {}  {}",
+                a.change.word(),
+                a.key,
+                a.path.display()
+            );
         }
     }
     let pending = plan.pending().count();
@@ -145,11 +175,19 @@ pub async fn plan(manifest_path: &Path, detailed_exitcode: bool) -> u8 {
     let _ = writeln!(
         out,
         "{pending} to change, {} in place, {conflicts} in conflict",
-        plan.actions.iter().filter(|a| a.change == Change::Keep).count()
+        plan.actions
+            .iter()
+            .filter(|a| a.change == Change::Keep)
+            .count()
     );
     drop(out);
     for a in plan.conflicts() {
-        eprintln!("warning: key {} ({}): {}", a.key, a.path.display(), a.change);
+        eprintln!(
+            "warning: key {} ({}): {}",
+            a.key,
+            a.path.display(),
+            a.change
+        );
     }
     match (detailed_exitcode, pending > 0) {
         (true, true) => 2,
@@ -170,7 +208,11 @@ pub fn validate(manifest_path: &Path) -> u8 {
             return EXIT_INVALID;
         }
     };
-    println!("manifest {}: ok, {} keys", manifest.path.display(), manifest.keys.len());
+    println!(
+        "manifest {}: ok, {} keys",
+        manifest.path.display(),
+        manifest.keys.len()
+    );
     println!("endpoint {}", manifest.kps.endpoint);
     println!("auth: {}", auth.source());
     let mut code = EXIT_OK;
@@ -216,7 +258,10 @@ pub async fn status(manifest_path: &Path, json: bool) -> u8 {
                 state: if change == "keep" { "in-place" } else { change }.to_owned(),
                 written_at: record.map(|r| r.written_at.clone()),
                 encrypted: k.encryption.is_some(),
-                last_error: state.errors.get(&k.name).map(|e| format!("{} ({})", e.message, e.at)),
+                last_error: state
+                    .errors
+                    .get(&k.name)
+                    .map(|e| format!("{} ({})", e.message, e.at)),
             }
         })
         .collect();
@@ -227,7 +272,10 @@ pub async fn status(manifest_path: &Path, json: bool) -> u8 {
             "last_pass": state.last_pass,
             "keys": rows,
         });
-        println!("{}", serde_json::to_string_pretty(&doc).expect("serializes"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&doc).expect("serializes")
+        );
     } else {
         print_status(&rows, &state);
     }

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HookError {
-    #[error("hook {argv:?} for key {key}: cannot start: {source}; check the program path in on_change")]
+    #[error(
+        "hook {argv:?} for key {key}: cannot start: {source}; check the program path in on_change"
+    )]
     Spawn {
         key: String,
         argv: Vec<String>,
@@ -19,7 +21,9 @@ pub enum HookError {
         argv: Vec<String>,
         status: std::process::ExitStatus,
     },
-    #[error("hook {argv:?} for key {key}: still running after {timeout:?}, killed; raise settings.hook_timeout or fix the hook")]
+    #[error(
+        "hook {argv:?} for key {key}: still running after {timeout:?}, killed; raise settings.hook_timeout or fix the hook"
+    )]
     Timeout {
         key: String,
         argv: Vec<String>,
@@ -28,7 +32,12 @@ pub enum HookError {
 }
 
 /// Run one hook to completion. Its stdout and stderr go to our stderr (the journal under systemd).
-pub async fn run(key: &str, path: &Path, argv: &[String], timeout: Duration) -> Result<(), HookError> {
+pub async fn run(
+    key: &str,
+    path: &Path,
+    argv: &[String],
+    timeout: Duration,
+) -> Result<(), HookError> {
     let Some((program, args)) = argv.split_first() else {
         return Ok(());
     };
@@ -90,14 +99,34 @@ mod tests {
             "-c".to_owned(),
             format!("echo \"$KPS_SYNC_KEY $KPS_SYNC_PATH\" > {}", out.display()),
         ];
-        run("web", Path::new("/k/web"), &argv, Duration::from_secs(5)).await.unwrap();
+        run("web", Path::new("/k/web"), &argv, Duration::from_secs(5))
+            .await
+            .unwrap();
         assert_eq!(std::fs::read_to_string(&out).unwrap(), "web /k/web\n");
 
-        let err = run("web", Path::new("/k"), &["false".into()], Duration::from_secs(5)).await;
+        let err = run(
+            "web",
+            Path::new("/k"),
+            &["false".into()],
+            Duration::from_secs(5),
+        )
+        .await;
         assert!(matches!(err, Err(HookError::Failed { .. })));
-        let err = run("web", Path::new("/k"), &["sleep".into(), "5".into()], Duration::from_millis(100)).await;
+        let err = run(
+            "web",
+            Path::new("/k"),
+            &["sleep".into(), "5".into()],
+            Duration::from_millis(100),
+        )
+        .await;
         assert!(matches!(err, Err(HookError::Timeout { .. })));
-        let err = run("web", Path::new("/k"), &["/nonexistent/prog".into()], Duration::from_secs(1)).await;
+        let err = run(
+            "web",
+            Path::new("/k"),
+            &["/nonexistent/prog".into()],
+            Duration::from_secs(1),
+        )
+        .await;
         assert!(matches!(err, Err(HookError::Spawn { .. })));
     }
 }

@@ -58,13 +58,19 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let default_level = if matches!(cli.command, Command::Run) { "info" } else { "warn" };
+    let default_level = if matches!(cli.command, Command::Run) {
+        "info"
+    } else {
+        "warn"
+    };
     kps_sync::logging::init(
         matches!(cli.log_format, LogFormat::Json),
         cli.log_level.as_deref(),
         default_level,
     );
-    let manifest = cli.manifest.unwrap_or_else(kps_sync::manifest::default_path);
+    let manifest = cli
+        .manifest
+        .unwrap_or_else(kps_sync::manifest::default_path);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -74,7 +80,9 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Reconcile { splay } => commands::reconcile(&manifest, splay).await,
             Command::Run => kps_sync::daemon::run(&manifest).await,
-            Command::Plan { detailed_exitcode } => commands::plan(&manifest, detailed_exitcode).await,
+            Command::Plan { detailed_exitcode } => {
+                commands::plan(&manifest, detailed_exitcode).await
+            }
             Command::Validate => commands::validate(&manifest),
             Command::Status { json } => commands::status(&manifest, json).await,
         }

@@ -449,16 +449,9 @@ mod tests {
                 }
                 Change::Prune => {
                     obs.insert(action.path.clone(), Observed::Missing);
-                    state.files.remove(&action.key);
+                    state.forget(&action.key, &action.path);
                 }
-                Change::Forget
-                    if state
-                        .files
-                        .get(&action.key)
-                        .is_some_and(|r| r.path == action.path) =>
-                {
-                    state.files.remove(&action.key);
-                }
+                Change::Forget => state.forget(&action.key, &action.path),
                 _ => {}
             }
         }

@@ -116,7 +116,8 @@ pub async fn reconcile_once(
 ) -> Result<PassReport, PassError> {
     client.auth().begin_pass().await;
     let (plan, mut state) = compute_plan(manifest).await?;
-    let specs: BTreeMap<&str, &KeySpec> = manifest.keys.iter().map(|k| (k.name.as_str(), k)).collect();
+    let specs: BTreeMap<&str, &KeySpec> =
+        manifest.keys.iter().map(|k| (k.name.as_str(), k)).collect();
     let mut outcomes: Vec<Outcome> = Vec::new();
     let mut to_export: Vec<&KeySpec> = Vec::new();
     let mut changed: Vec<&KeySpec> = Vec::new();
@@ -140,20 +141,19 @@ pub async fn reconcile_once(
                 tracing::info!(key = %action.key, path = %action.path.display(), "fixed mode/owner/group");
             }
             Change::Prune => {
-                outcome.result = write::remove(&action.path).map_err(|e| failure("prune", e.to_string()));
+                outcome.result =
+                    write::remove(&action.path).map_err(|e| failure("prune", e.to_string()));
                 if outcome.result.is_ok() {
                     tracing::info!(key = %action.key, path = %action.path.display(), "pruned: no longer in the manifest");
-                    state.files.remove(&action.key);
-                    state.errors.remove(&action.key);
+                    state.forget(&action.key, &action.path);
                 }
             }
-            Change::Forget => {
-                if state.files.get(&action.key).is_some_and(|r| r.path == action.path) {
-                    state.files.remove(&action.key);
-                }
-            }
+            Change::Forget => state.forget(&action.key, &action.path),
             Change::Conflict(reason) => {
-                outcome.result = Err(failure("conflict", format!("{}: {reason}", action.path.display())));
+                outcome.result = Err(failure(
+                    "conflict",
+                    format!("{}: {reason}", action.path.display()),
+                ));
             }
             Change::Keep | Change::Orphan => {}
             _ => unreachable!("needs_export covers the rest"),
@@ -181,7 +181,10 @@ pub async fn reconcile_once(
             }
         }
         let remote = remote.map(Arc::new);
-        let results = export_and_write(manifest, client, exportable, &plan, remote, options, &mut state).await?;
+        let results = export_and_write(
+            manifest, client, exportable, &plan, remote, options, &mut state,
+        )
+        .await?;
         interrupted = results.interrupted;
         for outcome in results.outcomes {
             if outcome.result.is_ok() {
@@ -241,7 +244,14 @@ pub async fn reconcile_once(
         if spec.on_change.is_empty() || !ran.insert(&spec.on_change) || options.stopping() {
             continue;
         }
-        if let Err(e) = hooks::run(&spec.name, &spec.path, &spec.on_change, manifest.settings.hook_timeout).await {
+        if let Err(e) = hooks::run(
+            &spec.name,
+            &spec.path,
+            &spec.on_change,
+            manifest.settings.hook_timeout,
+        )
+        .await
+        {
             hook_failures.push(e.to_string());
         }
     }
@@ -271,7 +281,9 @@ fn plan_change(plan: &Plan, key: &str) -> Change {
         .unwrap_or(Change::Create)
 }
 
-async fn listing(client: &KpsClient) -> Result<BTreeMap<String, KeypairInfo>, crate::kps::KpsError> {
+async fn listing(
+    client: &KpsClient,
+) -> Result<BTreeMap<String, KeypairInfo>, crate::kps::KpsError> {
     Ok(client
         .list()
         .await?
@@ -331,14 +343,21 @@ async fn export_and_write(
             }
             let names: Vec<String> = chunk.iter().map(|s| s.name.clone()).collect();
             let exported = export::export_batch(&client, &names).await;
-            let by_name: BTreeMap<String, KeySpec> = chunk.into_iter().map(|s| (s.name.clone(), s)).collect();
+            let by_name: BTreeMap<String, KeySpec> =
+                chunk.into_iter().map(|s| (s.name.clone(), s)).collect();
             tokio::task::spawn_blocking(move || {
                 exported
                     .into_iter()
                     .map(|(name, result)| {
                         let spec = by_name[&name].clone();
                         if options.stopping() {
-                            return (spec, Err(failure("shutdown", "not written: kps-sync is stopping".into())));
+                            return (
+                                spec,
+                                Err(failure(
+                                    "shutdown",
+                                    "not written: kps-sync is stopping".into(),
+                                )),
+                            );
                         }
                         let record = result
                             .map_err(|e| export_failure(&e))
@@ -407,7 +426,9 @@ fn place(
             format!("what KPS returned for this name is not a usable private key: {e}"),
         )
     })?;
-    if let Some(listed) = remote.and_then(|r| r.get(&spec.name)).and_then(|i| i.public_key.as_deref())
+    if let Some(listed) = remote
+        .and_then(|r| r.get(&spec.name))
+        .and_then(|i| i.public_key.as_deref())
         && let Some(ours) = keycheck::openssh_public_key(key.expose())
         && !same_public_key(&ours, listed)
     {
@@ -421,7 +442,8 @@ fn place(
         None => key,
     };
     let meta = Desired::from(spec).meta;
-    write::write_atomic(&spec.path, bytes.expose(), meta).map_err(|e| failure("write", e.to_string()))?;
+    write::write_atomic(&spec.path, bytes.expose(), meta)
+        .map_err(|e| failure("write", e.to_string()))?;
     Ok(FileRecord {
         path: spec.path.clone(),
         sha256: observe::sha256_of(bytes.expose()),
@@ -435,4 +457,3 @@ fn same_public_key(a: &str, b: &str) -> bool {
     let head = |s: &str| s.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
     head(a) == head(b)
 }
-

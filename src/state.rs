@@ -102,6 +102,14 @@ impl State {
         }
     }
 
+    /// Drop the record of `key` if it is still the one for `path` (a key moved to a new path
+    /// may already have a newer record).
+    pub fn forget(&mut self, key: &str, path: &Path) {
+        if self.files.get(key).is_some_and(|r| r.path == path) {
+            self.files.remove(key);
+        }
+    }
+
     /// Save atomically, mode 0600, creating `state_dir` 0700 if needed.
     pub fn save(&self, state_dir: &Path) -> Result<(), StateError> {
         let bytes = serde_json::to_vec_pretty(self).expect("state serializes");

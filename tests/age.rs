@@ -7,7 +7,8 @@ use common::*;
 use std::io::Read;
 
 fn decrypt(ciphertext: &[u8], identity: &age::x25519::Identity) -> String {
-    let decryptor = age::Decryptor::new_buffered(age::armor::ArmoredReader::new(ciphertext)).unwrap();
+    let decryptor =
+        age::Decryptor::new_buffered(age::armor::ArmoredReader::new(ciphertext)).unwrap();
     let mut reader = decryptor
         .decrypt(std::iter::once(identity as &dyn age::Identity))
         .unwrap();
@@ -23,7 +24,10 @@ fn encrypts_for_the_recipients_and_re_encrypts_when_they_change() {
     let first = age::x25519::Identity::generate();
     let second = age::x25519::Identity::generate();
     let manifest = |ids: &[&age::x25519::Identity], armor: bool| {
-        let list: Vec<String> = ids.iter().map(|i| format!("\"{}\"", i.to_public())).collect();
+        let list: Vec<String> = ids
+            .iter()
+            .map(|i| format!("\"{}\"", i.to_public()))
+            .collect();
         sb.manifest(
             "",
             &format!(
@@ -42,7 +46,11 @@ fn encrypts_for_the_recipients_and_re_encrypts_when_they_change() {
 
     sb.fake.reset_stats();
     assert_eq!(sb.reconcile().code, 0);
-    assert_eq!(sb.fake.stats().batch_export_calls, 0, "unchanged recipients: nothing to do");
+    assert_eq!(
+        sb.fake.stats().batch_export_calls,
+        0,
+        "unchanged recipients: nothing to do"
+    );
 
     manifest(&[&first, &second], true);
     let plan = sb.run(&["plan"]);
@@ -51,7 +59,10 @@ fn encrypts_for_the_recipients_and_re_encrypts_when_they_change() {
     assert_eq!(run.code, 0, "{run:?}");
     assert!(run.stdout.contains("re-encrypted"), "{run:?}");
     let bytes = std::fs::read(sb.path("out/db.age")).unwrap();
-    assert!(bytes.starts_with(b"-----BEGIN AGE ENCRYPTED FILE-----"), "armored");
+    assert!(
+        bytes.starts_with(b"-----BEGIN AGE ENCRYPTED FILE-----"),
+        "armored"
+    );
     assert_eq!(decrypt(&bytes, &second), sb.fake.private_key("db").unwrap());
     assert_eq!(decrypt(&bytes, &first), sb.fake.private_key("db").unwrap());
 }

@@ -12,11 +12,20 @@ fn a_bad_manifest_is_exit_2_naming_file_line_and_column_and_nothing_happens() {
     let cases = [
         ("  a: out/a.pem\n  a: out/b.pem\n", "duplicate"),
         ("  bad name!: out/a.pem\n", "name"),
-        ("  a: out/x.pem\n  b: out/x.pem\n", "same path"),
+        ("  a: out/x.pem\n  b: out/x.pem\n", "both write"),
         ("  a:\n    path: out/a.pem\n    mode: \"0644\"\n", "mode"),
-        ("  a:\n    path: out/a.pem\n    colour: blue\n", "unknown field"),
-        ("  a:\n    path: out/a.pem\n    owner: no-such-user-xyz\n", "no-such-user-xyz"),
-        ("  a:\n    path: out/a.pem\n    age_recipients: [\"age1notvalid\"]\n", "recipient"),
+        (
+            "  a:\n    path: out/a.pem\n    colour: blue\n",
+            "unknown field",
+        ),
+        (
+            "  a:\n    path: out/a.pem\n    owner: no-such-user-xyz\n",
+            "no-such-user-xyz",
+        ),
+        (
+            "  a:\n    path: out/a.pem\n    age_recipients: [\"age1notvalid\"]\n",
+            "recipient",
+        ),
         ("  a: [unclosed\n", "yaml"),
     ];
     for (keys, expect) in cases {
@@ -25,14 +34,26 @@ fn a_bad_manifest_is_exit_2_naming_file_line_and_column_and_nothing_happens() {
             let run = sb.run(&[cmd]);
             assert_eq!(run.code, 2, "{cmd} with {keys:?}: {run:?}");
             let text = run.stderr.to_lowercase();
-            assert!(text.contains(&path.display().to_string().to_lowercase()), "{keys:?}: names the file: {run:?}");
-            assert!(text.contains(expect), "{keys:?}: expected {expect:?}: {run:?}");
+            assert!(
+                text.contains(&path.display().to_string().to_lowercase()),
+                "{keys:?}: names the file: {run:?}"
+            );
+            assert!(
+                text.contains(expect),
+                "{keys:?}: expected {expect:?}: {run:?}"
+            );
             // file:line:col
-            let has_position = run.stderr.split(&path.display().to_string()).nth(1).is_some_and(|rest| {
-                let mut parts = rest.trim_start_matches(':').splitn(3, ':');
-                parts.next().is_some_and(|l| l.parse::<u32>().is_ok())
-                    && parts.next().is_some_and(|c| c.trim().parse::<u32>().is_ok())
-            });
+            let has_position = run
+                .stderr
+                .split(&path.display().to_string())
+                .nth(1)
+                .is_some_and(|rest| {
+                    let mut parts = rest.trim_start_matches(':').splitn(3, ':');
+                    parts.next().is_some_and(|l| l.parse::<u32>().is_ok())
+                        && parts
+                            .next()
+                            .is_some_and(|c| c.trim().parse::<u32>().is_ok())
+                });
             assert!(has_position, "{keys:?}: line and column: {run:?}");
         }
         assert!(!sb.path("out").exists(), "nothing written for {keys:?}");
@@ -44,12 +65,21 @@ fn a_bad_manifest_is_exit_2_naming_file_line_and_column_and_nothing_happens() {
 #[test]
 fn an_inline_secret_is_refused() {
     let sb = Sandbox::new();
-    let text = sb.header().replace("    token_file: token\n", "    token: abcdef\n") + "keys: {}\n";
+    let text = sb
+        .header()
+        .replace("    token_file: token\n", "    token: abcdef\n")
+        + "keys: {}\n";
     sb.write_manifest(&text);
     let run = sb.run(&["validate"]);
     assert_eq!(run.code, 2, "{run:?}");
-    assert!(run.stderr.contains("token_file"), "says what to write instead: {run:?}");
-    assert!(!run.stderr.contains("abcdef"), "does not echo the secret: {run:?}");
+    assert!(
+        run.stderr.contains("token_file"),
+        "says what to write instead: {run:?}"
+    );
+    assert!(
+        !run.stderr.contains("abcdef"),
+        "does not echo the secret: {run:?}"
+    );
 }
 
 #[test]
@@ -67,14 +97,22 @@ fn validate_reports_the_auth_source_and_warns_on_loose_permissions() {
     assert_eq!(run.code, 0, "{run:?}");
     assert!(run.stdout.contains("token from file"), "{run:?}");
     assert!(!run.all().contains(fake_kps::TOKEN));
-    std::fs::set_permissions(sb.path("token"), std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(
+        sb.path("token"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
     let run = sb.run(&["validate"]);
     assert_eq!(run.code, 0, "{run:?}");
     assert!(run.stderr.contains("chmod 0600"), "{run:?}");
     std::fs::remove_file(sb.path("token")).unwrap();
     let run = sb.run(&["validate"]);
     assert_eq!(run.code, 2, "{run:?}");
-    assert_eq!(sb.fake.stats().batch_export_calls + sb.fake.stats().list_calls, 0, "no network");
+    assert_eq!(
+        sb.fake.stats().batch_export_calls + sb.fake.stats().list_calls,
+        0,
+        "no network"
+    );
 }
 
 #[test]
@@ -84,7 +122,10 @@ fn plan_writes_nothing_and_follows_terraforms_exit_codes() {
     sb.manifest("", "  a: out/a.pem\n");
     let run = sb.run(&["plan"]);
     assert_eq!(run.code, 0, "{run:?}");
-    assert!(run.stdout.contains("create") && run.stdout.contains("a"), "{run:?}");
+    assert!(
+        run.stdout.contains("create") && run.stdout.contains("a"),
+        "{run:?}"
+    );
     assert_eq!(sb.run(&["plan", "--detailed-exitcode"]).code, 2);
     assert!(!sb.path("out").exists());
     assert_eq!(sb.fake.stats().batch_export_calls, 0);
@@ -92,7 +133,11 @@ fn plan_writes_nothing_and_follows_terraforms_exit_codes() {
     let run = sb.run(&["plan", "--detailed-exitcode"]);
     assert_eq!(run.code, 0, "{run:?}");
     std::fs::write(sb.path("manifest.yaml"), "version: [").unwrap();
-    assert_eq!(sb.run(&["plan", "--detailed-exitcode"]).code, 1, "error is 1 with --detailed-exitcode");
+    assert_eq!(
+        sb.run(&["plan", "--detailed-exitcode"]).code,
+        1,
+        "error is 1 with --detailed-exitcode"
+    );
 }
 
 #[test]
@@ -103,9 +148,16 @@ fn status_shows_what_is_managed() {
     assert_eq!(sb.reconcile().code, 1);
     let run = sb.run(&["status"]);
     assert_eq!(run.code, 0, "{run:?}");
-    assert!(run.stdout.contains("in-place") && run.stdout.contains("out/a.pem"), "{run:?}");
-    assert!(run.stdout.contains("last error") && run.stdout.contains("KPS.6004"), "{run:?}");
-    let json: serde_json::Value = serde_json::from_str(&sb.run(&["status", "--json"]).stdout).unwrap();
+    assert!(
+        run.stdout.contains("in-place") && run.stdout.contains("out/a.pem"),
+        "{run:?}"
+    );
+    assert!(
+        run.stdout.contains("last error") && run.stdout.contains("KPS.6004"),
+        "{run:?}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&sb.run(&["status", "--json"]).stdout).unwrap();
     assert_eq!(json["last_pass"]["failed"], 1);
     assert_eq!(json["keys"][0]["state"], "in-place");
     assert_eq!(json["keys"][1]["state"], "create");
@@ -121,7 +173,8 @@ fn global_flags_go_before_or_after_the_command_and_json_logs_are_json() {
     let lines: Vec<&str> = run.stderr.lines().collect();
     assert!(!lines.is_empty(), "{run:?}");
     for line in lines {
-        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
         assert!(v["level"].is_string(), "{line}");
     }
     let run = sb.run(&["reconcile", "--log-level", "debug", "--log-format", "text"]);

@@ -26,24 +26,44 @@ fn creates_missing_keys_0600_with_the_exported_bytes_then_does_nothing() {
     assert_eq!(run.code, 0, "{run:?}");
     for n in &names {
         let path = sb.path(&format!("out/{n}.pem"));
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), sb.fake.private_key(n).unwrap());
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            sb.fake.private_key(n).unwrap()
+        );
         assert_eq!(mode_of(&path), 0o600);
     }
-    assert_eq!(mode_of(&sb.path("out")), 0o700, "missing parents are created 0700");
+    assert_eq!(
+        mode_of(&sb.path("out")),
+        0o700,
+        "missing parents are created 0700"
+    );
     assert!(run.stdout.contains("created"), "{run:?}");
-    assert!(run.stdout.contains("23 managed, 23 in place, 0 failed"), "{run:?}");
+    assert!(
+        run.stdout.contains("23 managed, 23 in place, 0 failed"),
+        "{run:?}"
+    );
     let stats = sb.fake.stats();
-    assert_eq!(stats.batch_export_calls, 3, "23 keys = batches of 10, 10, 3");
+    assert_eq!(
+        stats.batch_export_calls, 3,
+        "23 keys = batches of 10, 10, 3"
+    );
     assert_eq!(stats.single_export_calls, 0);
 
     sb.fake.reset_stats();
     let again = sb.reconcile();
     assert_eq!(again.code, 0, "{again:?}");
-    assert_eq!(sb.fake.stats().batch_export_calls, 0, "a no-op pass calls KPS not at all");
+    assert_eq!(
+        sb.fake.stats().batch_export_calls,
+        0,
+        "a no-op pass calls KPS not at all"
+    );
     assert!(!again.stdout.contains("created"), "{again:?}");
     assert_eq!(mode_of(&sb.path("state/state.json")), 0o600);
     let state = std::fs::read_to_string(sb.path("state/state.json")).unwrap();
-    assert!(!state.contains("PRIVATE KEY"), "the state never holds a key");
+    assert!(
+        !state.contains("PRIVATE KEY"),
+        "the state never holds a key"
+    );
 }
 
 #[test]
@@ -57,21 +77,35 @@ fn restores_a_deleted_or_altered_file_and_fixes_its_mode() {
 
     std::fs::remove_file(sb.path("out/a.pem")).unwrap();
     std::fs::write(sb.path("out/b.pem"), "tampered").unwrap();
-    std::fs::set_permissions(sb.path("out/c.pem"), std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(
+        sb.path("out/c.pem"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
     sb.fake.reset_stats();
 
     let plan = sb.run(&["plan", "--detailed-exitcode"]);
     assert_eq!(plan.code, 2, "{plan:?}");
-    assert!(plan.stdout.contains("restore") && plan.stdout.contains("fix-meta"), "{plan:?}");
+    assert!(
+        plan.stdout.contains("restore") && plan.stdout.contains("fix-meta"),
+        "{plan:?}"
+    );
 
     let run = sb.reconcile();
     assert_eq!(run.code, 0, "{run:?}");
     for n in ["a", "b", "c"] {
         let path = sb.path(&format!("out/{n}.pem"));
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), sb.fake.private_key(n).unwrap());
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            sb.fake.private_key(n).unwrap()
+        );
         assert_eq!(mode_of(&path), 0o600);
     }
-    assert_eq!(sb.fake.stats().batch_export_calls, 1, "a and b in one batch; c needs no export");
+    assert_eq!(
+        sb.fake.stats().batch_export_calls,
+        1,
+        "a and b in one batch; c needs no export"
+    );
     assert_eq!(sb.run(&["plan", "--detailed-exitcode"]).code, 0);
 }
 
@@ -86,10 +120,20 @@ fn a_file_not_written_by_kps_sync_is_kept_and_reported() {
 
     let run = sb.reconcile();
     assert_eq!(run.code, 1, "{run:?}");
-    assert_eq!(std::fs::read_to_string(sb.path("out/a.pem")).unwrap(), "the operator's own file");
+    assert_eq!(
+        std::fs::read_to_string(sb.path("out/a.pem")).unwrap(),
+        "the operator's own file"
+    );
     assert!(sb.path("out/b.pem").exists());
-    let line = run.stderr.lines().find(|l| l.contains("key a ")).expect("one line for key a");
-    assert!(line.contains("did not write") && line.contains("Move it away"), "{line}");
+    let line = run
+        .stderr
+        .lines()
+        .find(|l| l.contains("key a "))
+        .expect("one line for key a");
+    assert!(
+        line.contains("did not write") && line.contains("Move it away"),
+        "{line}"
+    );
 }
 
 #[test]
@@ -103,8 +147,16 @@ fn a_symlink_at_the_destination_is_never_followed() {
 
     let run = sb.reconcile();
     assert_eq!(run.code, 1, "{run:?}");
-    assert_eq!(std::fs::read_to_string(sb.path("victim")).unwrap(), "precious");
-    assert!(std::fs::symlink_metadata(sb.path("out/a.pem")).unwrap().file_type().is_symlink());
+    assert_eq!(
+        std::fs::read_to_string(sb.path("victim")).unwrap(),
+        "precious"
+    );
+    assert!(
+        std::fs::symlink_metadata(sb.path("out/a.pem"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
     assert!(run.stderr.contains("symlink"), "{run:?}");
 }
 
@@ -124,17 +176,35 @@ fn one_bad_name_is_isolated_and_its_batch_mates_still_land() {
     let run = sb.reconcile();
     assert_eq!(run.code, 1, "{run:?}");
     for n in &good {
-        assert!(sb.path(&format!("out/{n}.pem")).exists(), "{n} landed: {run:?}");
+        assert!(
+            sb.path(&format!("out/{n}.pem")).exists(),
+            "{n} landed: {run:?}"
+        );
     }
     assert!(!sb.path("out/does-not-exist.pem").exists());
     assert!(!sb.path("out/unhosted.pem").exists());
-    let missing: Vec<&str> = run.stderr.lines().filter(|l| l.contains("key does-not-exist ")).collect();
+    let missing: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| l.contains("key does-not-exist "))
+        .collect();
     assert_eq!(missing.len(), 1, "exactly one line per failed key: {run:?}");
-    assert!(missing[0].contains("KPS.6004") && missing[0].contains("check the key pair name"), "{}", missing[0]);
-    let unhosted: Vec<&str> = run.stderr.lines().filter(|l| l.contains("key unhosted ")).collect();
+    assert!(
+        missing[0].contains("KPS.6004") && missing[0].contains("check the key pair name"),
+        "{}",
+        missing[0]
+    );
+    let unhosted: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| l.contains("key unhosted "))
+        .collect();
     assert_eq!(unhosted.len(), 1, "{run:?}");
     assert!(unhosted[0].contains("KPS.6005"), "{}", unhosted[0]);
-    assert!(run.stdout.contains("11 managed, 9 in place, 2 failed"), "{run:?}");
+    assert!(
+        run.stdout.contains("11 managed, 9 in place, 2 failed"),
+        "{run:?}"
+    );
 
     let status = sb.run(&["status", "--json"]);
     assert_eq!(status.code, 0, "{status:?}");
@@ -148,7 +218,12 @@ fn one_bad_name_is_isolated_and_its_batch_mates_still_land() {
 
 #[test]
 fn every_zip_layout_is_understood() {
-    for layout in [fake_kps::Layout::Pem, fake_kps::Layout::Bare, fake_kps::Layout::Folder, fake_kps::Layout::Txt] {
+    for layout in [
+        fake_kps::Layout::Pem,
+        fake_kps::Layout::Bare,
+        fake_kps::Layout::Folder,
+        fake_kps::Layout::Txt,
+    ] {
         let sb = Sandbox::new();
         sb.fake.set_layout(layout);
         sb.fake.add_key("alpha");
@@ -172,7 +247,10 @@ fn a_name_missing_from_the_zip_falls_back_to_single_export() {
     sb.manifest("", &keys_yaml(&["a", "b"]));
     let run = sb.reconcile();
     assert_eq!(run.code, 0, "{run:?}");
-    assert_eq!(std::fs::read_to_string(sb.path("out/b.pem")).unwrap(), sb.fake.private_key("b").unwrap());
+    assert_eq!(
+        std::fs::read_to_string(sb.path("out/b.pem")).unwrap(),
+        sb.fake.private_key("b").unwrap()
+    );
     assert_eq!(sb.fake.stats().single_export_calls, 1);
 }
 
@@ -196,7 +274,10 @@ fn server_errors_and_throttling_are_retried() {
     let run = sb.reconcile();
     assert_eq!(run.code, 0, "{run:?}");
     assert_eq!(sb.fake.stats().throttled, 1);
-    assert!(started.elapsed() >= Duration::from_secs(1), "Retry-After: 1 was honoured");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "Retry-After: 1 was honoured"
+    );
 }
 
 #[test]
@@ -210,7 +291,10 @@ fn kps_down_is_exit_1_and_keeps_good_files() {
     sb.fake.set_error_rate(1.0);
     let run = sb.reconcile();
     assert_eq!(run.code, 1, "{run:?}");
-    assert!(run.stderr.contains("key a ") && run.stderr.contains("KPS.0004"), "{run:?}");
+    assert!(
+        run.stderr.contains("key a ") && run.stderr.contains("KPS.0004"),
+        "{run:?}"
+    );
     sb.fake.set_error_rate(0.0);
     assert_eq!(sb.reconcile().code, 0);
     assert_eq!(std::fs::read(sb.path("out/a.pem")).unwrap(), good);
@@ -241,7 +325,10 @@ fn a_wrong_token_is_one_clear_error_without_the_token() {
     std::fs::write(sb.path("token"), "not-the-token-s3cr3t").unwrap();
     let run = sb.reconcile();
     assert_eq!(run.code, 1, "{run:?}");
-    assert!(run.stderr.contains("401") || run.stderr.contains("0301"), "{run:?}");
+    assert!(
+        run.stderr.contains("401") || run.stderr.contains("0301"),
+        "{run:?}"
+    );
     assert!(run.stderr.contains("check the credentials"), "{run:?}");
     assert!(!run.all().contains("s3cr3t"), "{run:?}");
     assert_eq!(sb.fake.stats().unauthorized, 2, "one refresh, then give up");
@@ -251,10 +338,20 @@ fn a_wrong_token_is_one_clear_error_without_the_token() {
 fn the_token_can_come_from_the_environment() {
     let sb = Sandbox::new();
     sb.fake.add_key("a");
-    let text = sb.header().replace("  auth:\n    token_file: token\n", "") + "keys:\n  a: out/a.pem\n";
+    let text =
+        sb.header().replace("  auth:\n    token_file: token\n", "") + "keys:\n  a: out/a.pem\n";
     sb.write_manifest(&text);
-    let run = sb.cmd(&["reconcile"]).env("KPS_SYNC_AUTH_TOKEN", fake_kps::TOKEN).output().unwrap();
-    assert_eq!(run.status.code(), Some(0), "{}", String::from_utf8_lossy(&run.stderr));
+    let run = sb
+        .cmd(&["reconcile"])
+        .env("KPS_SYNC_AUTH_TOKEN", fake_kps::TOKEN)
+        .output()
+        .unwrap();
+    assert_eq!(
+        run.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
     let none = sb.reconcile();
     assert_eq!(none.code, 2, "no credentials at all: {none:?}");
     assert!(none.stderr.contains("no KPS credentials"), "{none:?}");
@@ -273,13 +370,19 @@ fn prune_deletes_only_our_intact_files() {
     sb.manifest("", &keys_yaml(&["a"]));
     let run = sb.reconcile();
     assert_eq!(run.code, 0, "{run:?}");
-    assert!(sb.path("out/b.pem").exists(), "prune: false keeps removed keys' files");
+    assert!(
+        sb.path("out/b.pem").exists(),
+        "prune: false keeps removed keys' files"
+    );
 
     sb.manifest("  prune: true\n", &keys_yaml(&["a"]));
     let run = sb.reconcile();
     assert_eq!(run.code, 0, "{run:?}");
     assert!(!sb.path("out/b.pem").exists(), "{run:?}");
-    assert_eq!(std::fs::read_to_string(sb.path("out/c.pem")).unwrap(), "edited by hand");
+    assert_eq!(
+        std::fs::read_to_string(sb.path("out/c.pem")).unwrap(),
+        "edited by hand"
+    );
     assert!(sb.path("out/a.pem").exists());
 }
 
@@ -297,7 +400,11 @@ fn on_change_runs_once_after_the_file_changed() {
     );
     assert_eq!(sb.reconcile().code, 0);
     assert_eq!(sb.reconcile().code, 0);
-    assert_eq!(std::fs::read_to_string(&log).unwrap(), "a\n", "ran once, not on the no-op pass");
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "a\n",
+        "ran once, not on the no-op pass"
+    );
 }
 
 #[test]
@@ -307,10 +414,18 @@ fn the_result_is_right_under_umask_000() {
     sb.manifest("", "  a:\n    path: deep/er/a.pem\n    mode: \"0400\"\n");
     let mut cmd = std::process::Command::new("sh");
     cmd.arg("-c")
-        .arg(format!("umask 000; exec {} reconcile -m manifest.yaml", env!("CARGO_BIN_EXE_kps-sync")))
+        .arg(format!(
+            "umask 000; exec {} reconcile -m manifest.yaml",
+            env!("CARGO_BIN_EXE_kps-sync")
+        ))
         .current_dir(sb.dir.path());
     let out = cmd.output().unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(mode_of(&sb.path("deep/er/a.pem")), 0o400);
     assert_eq!(mode_of(&sb.path("deep")), 0o700);
     assert_eq!(mode_of(&sb.path("state/state.json")), 0o600);
@@ -325,12 +440,18 @@ fn owner_and_group_are_set() {
     }
     let sb = Sandbox::new();
     sb.fake.add_key("a");
-    sb.manifest("", "  a:\n    path: out/a.pem\n    owner: \"4242\"\n    group: \"4343\"\n    mode: \"0640\"\n");
+    sb.manifest(
+        "",
+        "  a:\n    path: out/a.pem\n    owner: \"4242\"\n    group: \"4343\"\n    mode: \"0640\"\n",
+    );
     let run = sb.reconcile();
     assert_eq!(run.code, 0, "{run:?}");
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(sb.path("out/a.pem")).unwrap();
-    assert_eq!((meta.uid(), meta.gid(), meta.mode() & 0o777), (4242, 4343, 0o640));
+    assert_eq!(
+        (meta.uid(), meta.gid(), meta.mode() & 0o777),
+        (4242, 4343, 0o640)
+    );
 }
 
 #[test]
@@ -339,12 +460,20 @@ fn a_second_reconcile_waits_for_the_lock_then_fails() {
     sb.fake.add_key("a");
     sb.manifest("", &keys_yaml(&["a"]));
     std::fs::create_dir_all(sb.path("state")).unwrap();
-    let held = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(sb.path("state/lock")).unwrap();
+    let held = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(sb.path("state/lock"))
+        .unwrap();
     held.lock().unwrap();
     let started = std::time::Instant::now();
     let run = sb.reconcile();
     assert_eq!(run.code, 1, "{run:?}");
-    assert!(run.stderr.contains("another kps-sync holds the lock"), "{run:?}");
+    assert!(
+        run.stderr.contains("another kps-sync holds the lock"),
+        "{run:?}"
+    );
     assert!(started.elapsed() >= Duration::from_secs(5));
     assert!(!sb.path("out/a.pem").exists());
     drop(held);
