@@ -94,7 +94,7 @@ impl PassOptions {
 pub async fn compute_plan(manifest: &Manifest) -> Result<(Plan, State), StateError> {
     let state = State::load(&manifest.settings.state_dir)?;
     let desired: Vec<Desired> = manifest.keys.iter().map(Desired::from).collect();
-    let paths: BTreeSet<PathBuf> = desired
+    let paths: std::collections::HashSet<PathBuf> = desired
         .iter()
         .map(|d| d.path.clone())
         .chain(state.files.values().map(|r| r.path.clone()))

@@ -115,6 +115,12 @@ impl KpsClient {
                 .map_err(|e| format!("{}: cannot read ca_file: {e}", ca_file.display()))?;
             let certs = reqwest::Certificate::from_pem_bundle(&pem)
                 .map_err(|e| format!("{}: not a PEM certificate bundle: {e}", ca_file.display()))?;
+            if certs.is_empty() {
+                return Err(format!(
+                    "{}: ca_file holds no PEM certificate (-----BEGIN CERTIFICATE-----); point it at the CA bundle",
+                    ca_file.display()
+                ));
+            }
             for cert in certs {
                 builder = builder.add_root_certificate(cert);
             }
