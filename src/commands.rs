@@ -35,7 +35,7 @@ fn env_var(name: &str) -> Option<String> {
 
 /// Resolve the auth source and build the client, or print why not.
 pub fn client_for(manifest: &Manifest) -> Result<Arc<KpsClient>, u8> {
-    let auth = Auth::resolve(&manifest.kps.auth, &env_var).map_err(|e| {
+    let auth = Auth::resolve(&manifest.kps, &env_var).map_err(|e| {
         eprintln!("error: {e}");
         EXIT_INVALID
     })?;
@@ -202,7 +202,7 @@ pub fn validate(manifest_path: &Path) -> u8 {
         Ok(m) => m,
         Err(code) => return code,
     };
-    let auth = match Auth::resolve(&manifest.kps.auth, &env_var) {
+    let auth = match Auth::resolve(&manifest.kps, &env_var) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("error: {e}");
