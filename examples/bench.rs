@@ -113,7 +113,11 @@ fn main() {
         .map(|_| {
             let started = Instant::now();
             let report = runtime
-                .block_on(kps_sync::reconcile::reconcile_once(&manifest, &client, &Default::default()))
+                .block_on(kps_sync::reconcile::reconcile_once(
+                    &manifest,
+                    &client,
+                    &Default::default(),
+                ))
                 .unwrap();
             assert!(report.is_success() && report.in_place == names.len());
             started.elapsed()

@@ -71,6 +71,8 @@ impl PassReport {
 pub enum PassError {
     #[error(transparent)]
     State(#[from] StateError),
+    #[error("{0}")]
+    Credentials(#[from] crate::auth::AuthError),
     #[error("cannot list key pairs in KPS (verify_remote): {0}")]
     List(crate::kps::KpsError),
 }
@@ -163,6 +165,7 @@ pub async fn reconcile_once(
 
     let mut interrupted = false;
     if !to_export.is_empty() {
+        client.auth().ready().await?;
         let remote = if manifest.settings.verify_remote {
             Some(listing(client).await.map_err(PassError::List)?)
         } else {

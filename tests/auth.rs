@@ -429,6 +429,12 @@ fn a_wrong_iam_password_is_one_clear_error_without_the_password() {
         run.stderr.contains("iam-password"),
         "names the file to check: {run:?}"
     );
+    let errors = run
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("error:"))
+        .count();
+    assert_eq!(errors, 1, "one line for the pass, not one per key: {run:?}");
     let stats = sb.fake.stats();
     assert_eq!(
         stats.iam_token_calls, 1,
@@ -477,6 +483,14 @@ fn metadata_down_fails_naming_the_endpoint() {
         run.stderr.contains(&format!(
             "ECS agency credentials from the metadata service at {closed}: cannot reach it"
         )),
+        "{run:?}"
+    );
+    assert_eq!(
+        run.stderr
+            .lines()
+            .filter(|l| l.starts_with("error:"))
+            .count(),
+        1,
         "{run:?}"
     );
     assert_eq!(sb.fake.stats().batch_export_calls, 0);

@@ -327,6 +327,12 @@ impl Auth {
         }
     }
 
+    /// Obtain the credentials now (read the files, log in to IAM, ask the metadata service),
+    /// so a pass that cannot authenticate fails once, up front, instead of once per key.
+    pub async fn ready(&self) -> Result<(), AuthError> {
+        self.credential().await.map(|_| ())
+    }
+
     /// The server said 401: read or fetch the credentials again before the one retry.
     pub async fn invalidate(&self) {
         match &self.material {

@@ -302,7 +302,7 @@ impl KpsClient {
         self.auth.apply(&mut request).await.map_err(|e| {
             (
                 KpsError {
-                    class: Class::Permanent,
+                    class: Class::Credentials,
                     operation,
                     status: None,
                     code: Some("auth".into()),
