@@ -105,6 +105,16 @@ fn main() {
         total_calls == 0,
     );
 
+    println!(
+        "{:<44} {:>12}",
+        "  (min / max)",
+        format!(
+            "{:.1} / {:.1} ms",
+            walls[0].as_secs_f64() * 1e3,
+            walls[4].as_secs_f64() * 1e3
+        )
+    );
+
     // The same no-op pass as the daemon runs it: manifest already loaded, `reconcile_once` only.
     let manifest = kps_sync::manifest::load(&work.dir.path().join("manifest.yaml")).unwrap();
     let runtime = tokio::runtime::Runtime::new().unwrap();
@@ -129,15 +139,6 @@ fn main() {
         format!("{:.1} ms", passes[2].as_secs_f64() * 1000.0),
         "<= 100 ms".into(),
         passes[2] <= Duration::from_millis(100),
-    );
-    println!(
-        "{:<44} {:>12}",
-        "  (min / max)",
-        format!(
-            "{:.1} / {:.1} ms",
-            walls[0].as_secs_f64() * 1e3,
-            walls[4].as_secs_f64() * 1e3
-        )
     );
 }
 
