@@ -93,7 +93,7 @@ fn main() {
         + calls.list_calls
         + calls.detail_calls;
     report(
-        "no-op pass, 10,000 present keys (median/5)",
+        "no-op `reconcile`, 10,000 keys (median/5)",
         format!("{:.1} ms", median.as_secs_f64() * 1000.0),
         "<= 100 ms".into(),
         median <= Duration::from_millis(100),
@@ -104,6 +104,7 @@ fn main() {
         "0".into(),
         total_calls == 0,
     );
+
     println!(
         "{:<44} {:>12}",
         "  (min / max)",
@@ -113,6 +114,128 @@ fn main() {
             walls[4].as_secs_f64() * 1e3
         )
     );
+
+    // The same no-op pass as the daemon runs it: manifest already loaded, `reconcile_once` only.
+    let manifest = kps_sync::manifest::load(&work.dir.path().join("manifest.yaml")).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let client = kps_sync::commands::client_for(&manifest).unwrap();
+    let mut passes: Vec<Duration> = (0..5)
+        .map(|_| {
+            let started = Instant::now();
+            let report = runtime
+                .block_on(kps_sync::reconcile::reconcile_once(
+                    &manifest,
+                    &client,
+                    &Default::default(),
+                ))
+                .unwrap();
+            assert!(report.is_success() && report.in_place == names.len());
+            started.elapsed()
+        })
+        .collect();
+    passes.sort();
+    report(
+        "  the pass alone (reconcile_once, median/5)",
+        format!("{:.1} ms", passes[2].as_secs_f64() * 1000.0),
+        "<= 100 ms".into(),
+        passes[2] <= Duration::from_millis(100),
+    );
+
+    idle_daemon(&fake, &bin);
+}
+
+/// 4. The daemon at rest: `kps-sync run` over 100 keys, measured from /proc for 10 s after its
+/// first pass, then stopped with SIGTERM.
+fn idle_daemon(fake: &fake_kps::FakeKps, bin: &Path) {
+    let names: Vec<String> = (0..100).map(|i| format!("idle-{i:03}")).collect();
+    for n in &names {
+        fake.add_key(n);
+    }
+    let work = Workdir::new(fake, &names, 4);
+    let mut child = Command::new(bin)
+        .args(["run", "--log-level", "warn", "-m"])
+        .arg(work.dir.path().join("manifest.yaml"))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !names
+        .iter()
+        .all(|n| work.dir.path().join(format!("keys/{n}.pem")).exists())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the daemon's first pass did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let window = Duration::from_secs(10);
+    let cpu_before = cpu_ticks(pid);
+    std::thread::sleep(window);
+    let cpu_after = cpu_ticks(pid);
+    let ticks_per_second = 100.0; // USER_HZ on Linux
+    let cpu_percent =
+        (cpu_after - cpu_before) as f64 / ticks_per_second / window.as_secs_f64() * 100.0;
+    let (rss, hwm) = rss_kib(pid);
+    report(
+        "daemon idle CPU over 10 s (100 keys)",
+        format!("{cpu_percent:.2} %"),
+        "~0 %".into(),
+        cpu_percent < 1.0,
+    );
+    report(
+        "daemon idle RSS",
+        format!("{:.1} MiB", rss as f64 / 1024.0),
+        "<= 20.0 MiB".into(),
+        rss <= 20 * 1024,
+    );
+    println!(
+        "{:<44} {:>12}",
+        "  (its peak RSS, first pass included)",
+        format!("{:.1} MiB", hwm as f64 / 1024.0)
+    );
+    let started = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    report(
+        "daemon exit on SIGTERM",
+        format!(
+            "{} in {:.0} ms",
+            status.code().unwrap_or(-1),
+            started.elapsed().as_secs_f64() * 1e3
+        ),
+        "0 in < 2 s".into(),
+        status.code() == Some(0) && started.elapsed() < Duration::from_secs(2),
+    );
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// (VmRSS, VmHWM) in KiB.
+fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
 }
 
 fn report(what: &str, measured: String, target: String, ok: bool) {

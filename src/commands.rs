@@ -35,7 +35,7 @@ fn env_var(name: &str) -> Option<String> {
 
 /// Resolve the auth source and build the client, or print why not.
 pub fn client_for(manifest: &Manifest) -> Result<Arc<KpsClient>, u8> {
-    let auth = Auth::resolve(&manifest.kps.auth, &env_var).map_err(|e| {
+    let auth = Auth::resolve(&manifest.kps, &env_var).map_err(|e| {
         eprintln!("error: {e}");
         EXIT_INVALID
     })?;
@@ -100,18 +100,14 @@ pub async fn reconcile(manifest_path: &Path, splay: Option<Duration>) -> u8 {
 
 /// Print what a pass did: one line per change on stdout, one line per failure on stderr.
 pub fn print_report(report: &PassReport) {
+    print_rows(
+        report
+            .outcomes
+            .iter()
+            .filter(|o| o.change.is_pending() && o.result.is_ok())
+            .map(|o| (past_tense(&o.change), o.key.as_str(), o.path.as_path())),
+    );
     let mut out = std::io::stdout().lock();
-    for o in &report.outcomes {
-        if o.change.is_pending() && o.result.is_ok() {
-            let _ = writeln!(
-                out,
-                "{:<11} {}  {}",
-                past_tense(&o.change),
-                o.key,
-                o.path.display()
-            );
-        }
-    }
     let _ = writeln!(
         out,
         "{} managed, {} in place, {} failed",
@@ -131,6 +127,16 @@ pub fn print_report(report: &PassReport) {
     }
     for h in &report.hook_failures {
         eprintln!("error: {h}");
+    }
+}
+
+/// `action  key  path` lines, the key column aligned.
+fn print_rows<'a>(rows: impl Iterator<Item = (&'a str, &'a str, &'a Path)>) {
+    let rows: Vec<_> = rows.collect();
+    let width = rows.iter().map(|(_, key, _)| key.len()).max().unwrap_or(0);
+    let mut out = std::io::stdout().lock();
+    for (word, key, path) in rows {
+        let _ = writeln!(out, "{word:<12} {key:<width$}  {}", path.display());
     }
 }
 
@@ -158,18 +164,13 @@ pub async fn plan(manifest_path: &Path, detailed_exitcode: bool) -> u8 {
             return EXIT_FAILED;
         }
     };
+    print_rows(
+        plan.actions
+            .iter()
+            .filter(|a| a.change != Change::Forget)
+            .map(|a| (a.change.word(), a.key.as_str(), a.path.as_path())),
+    );
     let mut out = std::io::stdout().lock();
-    for a in &plan.actions {
-        if a.change != Change::Forget {
-            let _ = writeln!(
-                out,
-                "{:<11} {}  {}",
-                a.change.word(),
-                a.key,
-                a.path.display()
-            );
-        }
-    }
     let pending = plan.pending().count();
     let conflicts = plan.conflicts().count();
     let _ = writeln!(
@@ -201,7 +202,7 @@ pub fn validate(manifest_path: &Path) -> u8 {
         Ok(m) => m,
         Err(code) => return code,
     };
-    let auth = match Auth::resolve(&manifest.kps.auth, &env_var) {
+    let auth = match Auth::resolve(&manifest.kps, &env_var) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("error: {e}");
@@ -300,9 +301,10 @@ fn print_status(rows: &[StatusRow], state: &State) {
         ),
         None => println!("no pass recorded yet"),
     }
+    let width = rows.iter().map(|r| r.key.len()).max().unwrap_or(0);
     for r in rows {
         println!(
-            "{:<10} {}  {}  written {}{}",
+            "{:<10} {:<width$}  {}  written {}{}",
             r.state,
             r.key,
             r.path.display(),

@@ -1,14 +1,14 @@
 //! Look at the destinations on disk: the planner's view of the filesystem. Reads only; never
 //! follows a symlink at a destination.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::io::{self, Read};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
-use zeroize::Zeroizing;
+use zeroize::Zeroize;
 
 /// What is at one destination path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,11 +33,39 @@ pub struct FileFacts {
 }
 
 /// Observe every path given.
-pub fn observe_all<'a>(paths: impl IntoIterator<Item = &'a Path>) -> BTreeMap<PathBuf, Observed> {
-    paths
-        .into_iter()
-        .map(|p| (p.to_owned(), observe(p)))
-        .collect()
+/// Paths are compared component by component in ordered maps; a hash map keeps a no-op pass
+/// over thousands of keys cheap.
+pub type ObservedFiles = HashMap<PathBuf, Observed>;
+
+pub fn observe_all<'a>(paths: impl IntoIterator<Item = &'a Path>) -> ObservedFiles {
+    let paths: Vec<&Path> = paths.into_iter().collect();
+    // Mostly syscalls and hashing of small files: spread over the cores for large manifests.
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(8);
+    if paths.len() < 256 || threads == 1 {
+        return paths
+            .iter()
+            .map(|p| (p.to_path_buf(), observe(p)))
+            .collect();
+    }
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = paths
+            .chunks(paths.len().div_ceil(threads))
+            .map(|chunk| {
+                scope.spawn(move || {
+                    chunk
+                        .iter()
+                        .map(|p| (p.to_path_buf(), observe(p)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("observe does not panic"))
+            .collect()
+    })
 }
 
 /// Observe one path.
@@ -76,15 +104,22 @@ fn hash_file(path: &Path) -> io::Result<String> {
         .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
         .open(path)?;
     let mut hasher = Sha256::new();
-    // The file may hold a plaintext key: the read buffer is wiped on drop.
-    let mut buf = Zeroizing::new([0u8; 8192]);
-    loop {
-        let n = file.read(&mut buf[..])?;
-        if n == 0 {
-            break;
+    // The file may hold a plaintext key: wipe what was read into the buffer, and only that
+    // (wiping is byte by byte, and a no-op pass reads ten thousand small files).
+    let mut buf = [0u8; 8192];
+    let mut used = 0;
+    let result = loop {
+        match file.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => {
+                used = used.max(n);
+                hasher.update(&buf[..n]);
+            }
+            Err(e) => break Err(e),
         }
-        hasher.update(&buf[..n]);
-    }
+    };
+    buf[..used].zeroize();
+    result?;
     Ok(format!("sha256:{}", hex::encode(hasher.finalize())))
 }
 

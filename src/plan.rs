@@ -8,12 +8,12 @@
 //! - prune deletes only a file whose bytes are still exactly what kps-sync wrote;
 //! - applying a plan and planning again yields nothing pending (property-tested below).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::PathBuf;
 
 use crate::manifest::KeySpec;
-use crate::observe::{FileFacts, Observed};
+use crate::observe::{FileFacts, Observed, ObservedFiles};
 use crate::state::State;
 use crate::write::FileMeta;
 
@@ -179,14 +179,9 @@ impl Plan {
 }
 
 /// Compute the plan. `observed` must hold every desired path and every recorded path.
-pub fn plan(
-    desired: &[Desired],
-    prune: bool,
-    observed: &BTreeMap<PathBuf, Observed>,
-    state: &State,
-) -> Plan {
+pub fn plan(desired: &[Desired], prune: bool, observed: &ObservedFiles, state: &State) -> Plan {
     let mut actions = Vec::new();
-    let managed_paths: BTreeSet<&PathBuf> = desired.iter().map(|d| &d.path).collect();
+    let managed_paths: HashSet<&PathBuf> = desired.iter().map(|d| &d.path).collect();
     let managed_names: BTreeMap<&str, &Desired> =
         desired.iter().map(|d| (d.name.as_str(), d)).collect();
 
@@ -315,7 +310,7 @@ mod tests {
     #[test]
     fn missing_file_is_created_and_a_deleted_one_restored() {
         let mut state = State::new();
-        let obs = BTreeMap::new();
+        let obs = ObservedFiles::new();
         let p = plan(&[want("a", "/k/a")], false, &obs, &state);
         assert_eq!(changes(&p), vec![("a", &Change::Create)]);
         state.files.insert("a".into(), record("/k/a", "sha256:1"));
@@ -328,7 +323,7 @@ mod tests {
 
     #[test]
     fn a_file_never_written_by_kps_sync_is_kept() {
-        let obs = BTreeMap::from([(PathBuf::from("/k/a"), facts("sha256:theirs", 0o600))]);
+        let obs = ObservedFiles::from([(PathBuf::from("/k/a"), facts("sha256:theirs", 0o600))]);
         let p = plan(&[want("a", "/k/a")], true, &obs, &State::new());
         assert_eq!(
             changes(&p),
@@ -339,7 +334,7 @@ mod tests {
 
     #[test]
     fn a_symlink_is_never_followed() {
-        let obs = BTreeMap::from([(PathBuf::from("/k/a"), Observed::Symlink)]);
+        let obs = ObservedFiles::from([(PathBuf::from("/k/a"), Observed::Symlink)]);
         let mut state = State::new();
         state.files.insert("a".into(), record("/k/a", "sha256:1"));
         let p = plan(&[want("a", "/k/a")], true, &obs, &state);
@@ -353,14 +348,14 @@ mod tests {
     fn altered_meta_and_recipients() {
         let mut state = State::new();
         state.files.insert("a".into(), record("/k/a", "sha256:1"));
-        let obs = BTreeMap::from([(PathBuf::from("/k/a"), facts("sha256:2", 0o600))]);
+        let obs = ObservedFiles::from([(PathBuf::from("/k/a"), facts("sha256:2", 0o600))]);
         let p = plan(&[want("a", "/k/a")], false, &obs, &state);
         assert_eq!(
             changes(&p),
             vec![("a", &Change::Restore(RestoreReason::Altered))]
         );
 
-        let obs = BTreeMap::from([(PathBuf::from("/k/a"), facts("sha256:1", 0o644))]);
+        let obs = ObservedFiles::from([(PathBuf::from("/k/a"), facts("sha256:1", 0o644))]);
         let p = plan(&[want("a", "/k/a")], false, &obs, &state);
         assert_eq!(changes(&p), vec![("a", &Change::FixMeta)]);
 
@@ -379,7 +374,7 @@ mod tests {
         state
             .files
             .insert("edited".into(), record("/k/edited", "sha256:1"));
-        let obs = BTreeMap::from([
+        let obs = ObservedFiles::from([
             (PathBuf::from("/k/gone"), facts("sha256:1", 0o600)),
             (
                 PathBuf::from("/k/edited"),
@@ -399,7 +394,7 @@ mod tests {
     fn a_renamed_key_on_the_same_path_replaces_our_file() {
         let mut state = State::new();
         state.files.insert("old".into(), record("/k/a", "sha256:1"));
-        let obs = BTreeMap::from([(PathBuf::from("/k/a"), facts("sha256:1", 0o600))]);
+        let obs = ObservedFiles::from([(PathBuf::from("/k/a"), facts("sha256:1", 0o600))]);
         let p = plan(&[want("new", "/k/a")], true, &obs, &state);
         assert_eq!(
             changes(&p),
@@ -414,7 +409,7 @@ mod tests {
     fn apply(
         plan: &Plan,
         desired: &[Desired],
-        obs: &mut BTreeMap<PathBuf, Observed>,
+        obs: &mut ObservedFiles,
         state: &mut State,
         generation: &mut u32,
     ) {
@@ -476,8 +471,7 @@ mod tests {
         ]
     }
 
-    fn arb_world() -> impl Strategy<Value = (Vec<Desired>, bool, BTreeMap<PathBuf, Observed>, State)>
-    {
+    fn arb_world() -> impl Strategy<Value = (Vec<Desired>, bool, ObservedFiles, State)> {
         let names = ["a", "b", "c", "d"];
         let paths = ["/k/1", "/k/2", "/k/3", "/k/4", "/k/5"];
         (
@@ -514,7 +508,7 @@ mod tests {
                             recipients: metas[i].2.map(|r| format!("sha256:r{r}")),
                         })
                         .collect();
-                    let obs: BTreeMap<PathBuf, Observed> = paths
+                    let obs: ObservedFiles = paths
                         .iter()
                         .zip(observed)
                         .map(|(p, o)| (PathBuf::from(p), o))

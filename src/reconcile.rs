@@ -71,6 +71,8 @@ impl PassReport {
 pub enum PassError {
     #[error(transparent)]
     State(#[from] StateError),
+    #[error("{0}")]
+    Credentials(#[from] crate::auth::AuthError),
     #[error("cannot list key pairs in KPS (verify_remote): {0}")]
     List(crate::kps::KpsError),
 }
@@ -94,7 +96,7 @@ impl PassOptions {
 pub async fn compute_plan(manifest: &Manifest) -> Result<(Plan, State), StateError> {
     let state = State::load(&manifest.settings.state_dir)?;
     let desired: Vec<Desired> = manifest.keys.iter().map(Desired::from).collect();
-    let paths: BTreeSet<PathBuf> = desired
+    let paths: std::collections::HashSet<PathBuf> = desired
         .iter()
         .map(|d| d.path.clone())
         .chain(state.files.values().map(|r| r.path.clone()))
@@ -163,6 +165,7 @@ pub async fn reconcile_once(
 
     let mut interrupted = false;
     if !to_export.is_empty() {
+        client.auth().ready().await?;
         let remote = if manifest.settings.verify_remote {
             Some(listing(client).await.map_err(PassError::List)?)
         } else {

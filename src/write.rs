@@ -102,16 +102,7 @@ pub fn write_atomic(path: &Path, contents: &[u8], meta: FileMeta) -> Result<(), 
         move |source| WriteError::Io { path, op, source }
     };
     let file = temp.as_file_mut();
-    if meta.uid.is_some() || meta.gid.is_some() {
-        std::os::unix::fs::fchown(&*file, meta.uid, meta.gid).map_err(|source| {
-            WriteError::Chown {
-                path: path.to_owned(),
-                uid: meta.uid,
-                gid: meta.gid,
-                source,
-            }
-        })?;
-    }
+    chown(file, path, meta)?;
     // The umask may have narrowed the mode at creation; set it exactly, still before any byte.
     file.set_permissions(Permissions::from_mode(mode))
         .map_err(io_err("chmod"))?;
@@ -135,16 +126,7 @@ pub fn fix_meta(path: &Path, meta: FileMeta) -> Result<(), WriteError> {
             op: "open",
             source,
         })?;
-    if meta.uid.is_some() || meta.gid.is_some() {
-        std::os::unix::fs::fchown(&file, meta.uid, meta.gid).map_err(|source| {
-            WriteError::Chown {
-                path: path.to_owned(),
-                uid: meta.uid,
-                gid: meta.gid,
-                source,
-            }
-        })?;
-    }
+    chown(&file, path, meta)?;
     file.set_permissions(Permissions::from_mode(meta.mode & 0o777))
         .map_err(|source| WriteError::Io {
             path: path.to_owned(),
@@ -190,6 +172,19 @@ pub fn create_dirs(dir: &Path) -> Result<(), WriteError> {
             path: dir.to_owned(),
             source,
         })
+}
+
+/// Set owner and group on the descriptor, if the manifest names them.
+fn chown(file: &File, path: &Path, meta: FileMeta) -> Result<(), WriteError> {
+    if meta.uid.is_none() && meta.gid.is_none() {
+        return Ok(());
+    }
+    std::os::unix::fs::fchown(file, meta.uid, meta.gid).map_err(|source| WriteError::Chown {
+        path: path.to_owned(),
+        uid: meta.uid,
+        gid: meta.gid,
+        source,
+    })
 }
 
 fn refuse_non_regular(path: &Path) -> Result<(), WriteError> {

@@ -200,3 +200,19 @@ fn no_key_or_token_in_any_output_even_at_trace_level() {
     assert!(!out.contains("PRIVATE KEY"), "no key header in logs");
     assert!(!out.contains(fake_kps::TOKEN), "token leaked");
 }
+
+#[test]
+fn a_ca_file_that_is_not_pem_is_a_clear_error_before_any_call() {
+    let sb = Sandbox::new();
+    sb.fake.add_key("a");
+    std::fs::write(sb.path("ca.pem"), "not a certificate").unwrap();
+    let text = sb
+        .header()
+        .replace("  auth:\n", "  ca_file: ca.pem\n  auth:\n")
+        + "keys:\n  a: out/a.pem\n";
+    sb.write_manifest(&text);
+    let run = sb.reconcile();
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(run.stderr.contains("ca.pem"), "{run:?}");
+    assert_eq!(sb.fake.stats().batch_export_calls, 0);
+}

@@ -479,3 +479,68 @@ fn a_second_reconcile_waits_for_the_lock_then_fails() {
     drop(held);
     assert_eq!(sb.reconcile().code, 0);
 }
+
+#[test]
+fn verify_remote_fails_unlisted_names_without_exporting_them() {
+    let sb = Sandbox::new();
+    sb.fake.add_key("a");
+    sb.fake.add_unhosted_key("u");
+    sb.manifest("  verify_remote: true\n", &keys_yaml(&["a", "gone", "u"]));
+    let run = sb.reconcile();
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(sb.path("out/a.pem").exists());
+    let stats = sb.fake.stats();
+    assert!(stats.list_calls >= 1);
+    assert_eq!(
+        stats.batch_export_calls, 1,
+        "only `a` is exported: {stats:?}"
+    );
+    assert!(
+        run.stderr
+            .lines()
+            .any(|l| l.contains("key gone ") && l.contains("not in the KPS listing")),
+        "{run:?}"
+    );
+    assert!(
+        run.stderr
+            .lines()
+            .any(|l| l.contains("key u ") && l.contains("KPS.6005")),
+        "{run:?}"
+    );
+}
+
+#[test]
+fn a_throttling_gateway_is_waited_out_and_max_rps_paces_requests() {
+    let sb = Sandbox::new();
+    let names: Vec<String> = (0..40).map(|i| format!("t{i}")).collect();
+    for n in &names {
+        sb.fake.add_key(n);
+    }
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    sb.fake.set_rate_limit(Some(2));
+    sb.manifest("  max_rps: 1.5\n", &keys_yaml(&refs));
+    let started = std::time::Instant::now();
+    let run = sb.reconcile();
+    assert_eq!(run.code, 0, "{run:?}");
+    let stats = sb.fake.stats();
+    assert_eq!(stats.batch_export_calls, 4);
+    assert_eq!(stats.throttled, 0, "paced under the limit: {stats:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1900),
+        "4 calls at 1.5/s take 2 s"
+    );
+
+    // Without pacing the gateway throttles, and the 429s are retried until all land.
+    let sb2 = Sandbox::new();
+    for n in &names {
+        sb2.fake.add_key(n);
+    }
+    sb2.fake.set_rate_limit(Some(1));
+    sb2.manifest("", &keys_yaml(&refs));
+    let run = sb2.reconcile();
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(sb2.fake.stats().throttled >= 1);
+    for n in &names {
+        assert!(sb2.path(&format!("out/{n}.pem")).exists());
+    }
+}

@@ -209,26 +209,22 @@ pub fn parse_credentials_file(text: &str, path: &Path) -> Result<Option<AkSk>, S
     }
 }
 
+/// [`parse_credentials_file`] on the file at `path`, read into a zeroizing buffer. A file that
+/// is not UTF-8 is refused as the SDK refuses it.
+pub fn read_credentials_file(path: &Path) -> Result<Option<AkSk>, SourceError> {
+    let bytes = read_small_file(path)?;
+    let text = std::str::from_utf8(&bytes).map_err(|_| SourceError::SecretFileNotText {
+        path: path.to_owned(),
+    })?;
+    parse_credentials_file(text, path)
+}
+
 /// One secret from a file of its own (token, SK, password). Trailing whitespace, such as the
 /// newline editors and `echo` add, is dropped; an empty file, a non-UTF-8 one, one with more than
 /// one line or larger than 64 KiB is an error naming the path. Symlinks are followed, since
 /// Kubernetes mounts secrets through them. The bytes live only in zeroizing buffers.
 pub fn read_secret_file(path: &Path) -> Result<SecretString, SourceError> {
-    let read_error = |source| SourceError::Read {
-        path: path.to_owned(),
-        source,
-    };
-    let file = File::open(path).map_err(read_error)?;
-    let mut bytes = Zeroizing::new(Vec::new());
-    // One byte past the limit tells "too large" from "exactly at the limit".
-    file.take(SECRET_FILE_LIMIT + 1)
-        .read_to_end(&mut bytes)
-        .map_err(read_error)?;
-    if bytes.len() as u64 > SECRET_FILE_LIMIT {
-        return Err(SourceError::SecretFileTooLarge {
-            path: path.to_owned(),
-        });
-    }
+    let bytes = read_small_file(path)?;
     let Ok(text) = std::str::from_utf8(&bytes) else {
         return Err(SourceError::SecretFileNotText {
             path: path.to_owned(),
@@ -246,6 +242,33 @@ pub fn read_secret_file(path: &Path) -> Result<SecretString, SourceError> {
         });
     }
     Ok(SecretString::new(text.to_owned()))
+}
+
+/// The bytes of a file of at most [`SECRET_FILE_LIMIT`] bytes, in a zeroizing buffer sized from
+/// the file's length up front, so that growing it leaves no stale copy in freed memory.
+fn read_small_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, SourceError> {
+    let read_error = |source| SourceError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let file = File::open(path).map_err(read_error)?;
+    let len = file
+        .metadata()
+        .map_err(read_error)?
+        .len()
+        .min(SECRET_FILE_LIMIT);
+    // Room for one byte past the limit, which tells "too large" from "exactly at the limit",
+    // and for a file that grew a little since `metadata`.
+    let mut bytes = Zeroizing::new(Vec::with_capacity(len as usize + 4096));
+    file.take(SECRET_FILE_LIMIT + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_error)?;
+    if bytes.len() as u64 > SECRET_FILE_LIMIT {
+        return Err(SourceError::SecretFileTooLarge {
+            path: path.to_owned(),
+        });
+    }
+    Ok(bytes)
 }
 
 /// Warnings (empty when all is well) for a secret file others on the host could read or

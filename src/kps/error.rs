@@ -18,6 +18,9 @@ pub enum Class {
     NotFound,
     /// KPS.6005: KPS does not hold this private key. Per key.
     NotHosted,
+    /// Credentials could not be obtained (a file, IAM or the metadata service failed); the
+    /// message says what to check.
+    Credentials,
     /// Anything else: a permanent failure (403, bad request, a response we cannot read).
     Permanent,
 }
@@ -72,6 +75,7 @@ impl KpsError {
             Class::Transient => {
                 "KPS or the network failed repeatedly; it is retried on the next pass"
             }
+            Class::Credentials => "",
             Class::Permanent => match self.status {
                 Some(403) => {
                     "the credentials lack permission for KPS (kps:keypairs:*) in this project, or the account is frozen"
@@ -141,7 +145,10 @@ impl fmt::Display for KpsError {
         if let Some(id) = &self.request_id {
             write!(f, " [request id {id}]")?;
         }
-        write!(f, "; {}", self.hint())
+        match self.hint() {
+            "" => Ok(()),
+            hint => write!(f, "; {hint}"),
+        }
     }
 }
 

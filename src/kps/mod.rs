@@ -103,12 +103,24 @@ impl KpsClient {
             .user_agent(concat!("kps-sync/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(settings.concurrency.max(1));
+            .pool_max_idle_per_host(settings.concurrency.max(1))
+            // reqwest keeps custom headers such as X-Auth-Token across a redirect to another
+            // host; KPS never redirects, so follow none.
+            .redirect(reqwest::redirect::Policy::none());
+        if kps.endpoint.starts_with("http://") {
+            tracing::warn!(endpoint = %kps.endpoint, "KPS is reached over plain http: credentials and keys cross the wire unencrypted; use https:// outside tests");
+        }
         if let Some(ca_file) = &kps.ca_file {
             let pem = std::fs::read(ca_file)
                 .map_err(|e| format!("{}: cannot read ca_file: {e}", ca_file.display()))?;
             let certs = reqwest::Certificate::from_pem_bundle(&pem)
                 .map_err(|e| format!("{}: not a PEM certificate bundle: {e}", ca_file.display()))?;
+            if certs.is_empty() {
+                return Err(format!(
+                    "{}: ca_file holds no PEM certificate (-----BEGIN CERTIFICATE-----); point it at the CA bundle",
+                    ca_file.display()
+                ));
+            }
             for cert in certs {
                 builder = builder.add_root_certificate(cert);
             }
@@ -235,7 +247,7 @@ impl KpsClient {
         loop {
             attempt += 1;
             self.pace().await;
-            let (err, retry_after) = match self
+            let (mut err, retry_after) = match self
                 .send_once(operation, &method, &url, body.as_deref(), cap)
                 .await
             {
@@ -247,6 +259,14 @@ impl KpsClient {
                 tracing::info!(operation, request_id = ?err.request_id, "KPS answered 401; reading the credentials again and retrying once");
                 self.auth.invalidate().await;
                 continue;
+            }
+            if err.class == Class::Unauthorized {
+                err.message = format!(
+                    "{} (credentials: {}; KPS at {})",
+                    err.message,
+                    self.auth.source(),
+                    self.base
+                );
             }
             if !err.is_retryable() || attempt >= self.retry.max_attempts {
                 return Err(err);
@@ -282,7 +302,7 @@ impl KpsClient {
         self.auth.apply(&mut request).await.map_err(|e| {
             (
                 KpsError {
-                    class: Class::Permanent,
+                    class: Class::Credentials,
                     operation,
                     status: None,
                     code: Some("auth".into()),

@@ -94,12 +94,9 @@ pub(super) fn raw_error_problem(err: &serde_yaml::Error) -> Problem {
         column: l.column(),
     });
     let mut message = err.to_string();
-    // serde_yaml appends the mark; we print it in front instead.
+    // serde_yaml and libyaml put the mark in the text; we print it in front instead.
     if let Some(l) = &location {
-        let suffix = format!(" at line {} column {}", l.line, l.column);
-        if let Some(stripped) = message.strip_suffix(&suffix) {
-            message = stripped.to_string();
-        }
+        message = message.replacen(&format!(" at line {} column {}", l.line, l.column), "", 1);
     }
     // serde_yaml prefixes the dotted path (`kps.auth: ...`).
     let (yaml_path, rest) = match message.split_once(": ") {

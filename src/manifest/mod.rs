@@ -22,9 +22,13 @@
 //! line, `#` comments and blank lines skipped, like `age -R`); an empty one is an error, since
 //! the key would silently be written in the clear.
 //!
-//! Modes must be quoted strings of octal digits. serde_yaml reads YAML 1.2, where an unquoted
-//! `0600` is the string "0600" and is accepted as such; `600`, `0o600` and other numbers are
-//! refused, since YAML readers disagree on what they mean.
+//! Modes must be quoted strings of octal digits (`mode: "0600"`). serde_yaml reads YAML 1.2,
+//! where a bare `0600` is the string "0600", but YAML 1.1 tools read it as a number, so a bare
+//! mode is refused too, as are `600`, `0o600` and other numbers.
+//!
+//! Costs: the text is parsed twice (duplicate check, then serde); each key's line comes from a
+//! one-pass scan of block-style `keys:`. Only error locations, and keys written in flow style,
+//! take one more parse each.
 
 mod dupkeys;
 mod duration;

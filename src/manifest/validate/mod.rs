@@ -138,8 +138,7 @@ struct Fields {
     group: Option<Option<Principal>>,
     recipients: Option<Option<Vec<Recipient>>>,
     recipients_file: Option<Option<Vec<Recipient>>>,
-    /// The value and where it was written.
-    armor: Option<(bool, Vec<Seg>)>,
+    armor: Option<bool>,
     on_change: Option<Option<Vec<String>>>,
 }
 
@@ -312,35 +311,33 @@ impl Checker<'_> {
         line: usize,
         key_at: Vec<Seg>,
     ) -> Option<KeySpec> {
+        // Each field: the key's, else the default's, else the built-in; `None` when the chosen
+        // value was invalid (already reported).
         let mode = own.mode.or(defaults.mode).unwrap_or(Some(DEFAULT_MODE));
-        let owner = match own.owner.clone().or_else(|| defaults.owner.clone()) {
-            None => Some(None),
-            Some(Some(p)) => Some(Some(p)),
-            Some(None) => None,
-        };
-        let group = match own.group.clone().or_else(|| defaults.group.clone()) {
-            None => Some(None),
-            Some(Some(p)) => Some(Some(p)),
-            Some(None) => None,
-        };
+        let owner = own
+            .owner
+            .or_else(|| defaults.owner.clone())
+            .map_or(Some(None), |p| p.map(Some));
+        let group = own
+            .group
+            .or_else(|| defaults.group.clone())
+            .map_or(Some(None), |p| p.map(Some));
         let recipients = own
             .recipients
-            .clone()
             .or_else(|| defaults.recipients.clone())
             .unwrap_or(Some(Vec::new()));
         let from_file = own
             .recipients_file
-            .clone()
             .or_else(|| defaults.recipients_file.clone())
             .unwrap_or(Some(Vec::new()));
         let on_change = own
             .on_change
-            .clone()
             .or_else(|| defaults.on_change.clone())
             .unwrap_or(Some(Vec::new()));
-        let (armor, armor_from_key) = match (&own.armor, &defaults.armor) {
-            (Some((a, _)), _) => (*a, *a),
-            (None, Some((a, _))) => (*a, false),
+        // `armor: true` in defaults applies only where there are recipients (see module docs).
+        let (armor, armor_from_key) = match (own.armor, defaults.armor) {
+            (Some(a), _) => (a, a),
+            (None, Some(a)) => (a, false),
             (None, None) => (false, false),
         };
         let (mut recipients, from_file) = (recipients?, from_file?);
@@ -429,7 +426,7 @@ impl Checker<'_> {
         let recipients_file = raw
             .age_recipients_file
             .map(|f| self.recipients_file(&f, at("age_recipients_file")));
-        let armor = raw.armor.map(|a| (a, at("armor")));
+        let armor = raw.armor;
         let on_change = raw.on_change.map(|o| match o {
             RawOnChange::List(argv) if argv.first().is_some_and(|a| a.as_str().is_empty()) => {
                 self.problem(
