@@ -457,7 +457,7 @@ impl Daemon {
         })?;
         let manifest = manifest::load_str(&text, &self.manifest_path).map_err(|e| e.to_string())?;
         let env = |name: &str| std::env::var(name).ok();
-        let auth = Auth::resolve(&manifest.kps.auth, &env).map_err(|e| e.to_string())?;
+        let auth = Auth::resolve(&manifest.kps, &env).map_err(|e| e.to_string())?;
         let client = KpsClient::new(
             &manifest.kps,
             &manifest.settings,
