@@ -144,8 +144,8 @@ fn main() {
     idle_daemon(&fake, &bin);
 }
 
-/// 4. The daemon at rest: `kps-sync run` over 100 keys, measured from /proc for 10 s after its
-/// first pass, then stopped with SIGTERM.
+/// The daemon at rest: `kps-sync run` over 100 keys, measured from /proc for 10 s after its first
+/// pass, then stopped with SIGTERM.
 fn idle_daemon(fake: &fake_kps::FakeKps, bin: &Path) {
     let names: Vec<String> = (0..100).map(|i| format!("idle-{i:03}")).collect();
     for n in &names {
