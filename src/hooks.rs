@@ -1,5 +1,6 @@
 //! `on_change` hooks: run an argv (no shell) after a key's file changed, with a timeout.
-//! The hook gets `KPS_SYNC_KEY` and `KPS_SYNC_PATH` in its environment, never the key.
+//! The hook gets `KPS_SYNC_KEY` and `KPS_SYNC_PATH` (the first changed key sharing the argv)
+//! and `KPS_SYNC_KEYS` (all of them, space-separated) in its environment, never the key.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -32,12 +33,14 @@ pub enum HookError {
 }
 
 /// Run one hook to completion. Its stdout and stderr go to our stderr (the journal under systemd).
+/// `keys` are the changed keys that share this argv (at least one); `path` is the first's.
 pub async fn run(
-    key: &str,
+    keys: &[&str],
     path: &Path,
     argv: &[String],
     timeout: Duration,
 ) -> Result<(), HookError> {
+    let key = keys.join(" ");
     let Some((program, args)) = argv.split_first() else {
         return Ok(());
     };
@@ -51,7 +54,8 @@ pub async fn run(
     };
     let mut child = tokio::process::Command::new(program)
         .args(args)
-        .env("KPS_SYNC_KEY", key)
+        .env("KPS_SYNC_KEY", keys.first().copied().unwrap_or_default())
+        .env("KPS_SYNC_KEYS", &key)
         .env("KPS_SYNC_PATH", path)
         .stdin(Stdio::null())
         .stdout(stderr())
@@ -97,15 +101,26 @@ mod tests {
         let argv = vec![
             "sh".to_owned(),
             "-c".to_owned(),
-            format!("echo \"$KPS_SYNC_KEY $KPS_SYNC_PATH\" > {}", out.display()),
+            format!(
+                "echo \"$KPS_SYNC_KEY $KPS_SYNC_PATH $KPS_SYNC_KEYS\" > {}",
+                out.display()
+            ),
         ];
-        run("web", Path::new("/k/web"), &argv, Duration::from_secs(5))
-            .await
-            .unwrap();
-        assert_eq!(std::fs::read_to_string(&out).unwrap(), "web /k/web\n");
+        run(
+            &["web", "db"],
+            Path::new("/k/web"),
+            &argv,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&out).unwrap(),
+            "web /k/web web db\n"
+        );
 
         let err = run(
-            "web",
+            &["web"],
             Path::new("/k"),
             &["false".into()],
             Duration::from_secs(5),
@@ -113,7 +128,7 @@ mod tests {
         .await;
         assert!(matches!(err, Err(HookError::Failed { .. })));
         let err = run(
-            "web",
+            &["web"],
             Path::new("/k"),
             &["sleep".into(), "5".into()],
             Duration::from_millis(100),
@@ -121,7 +136,7 @@ mod tests {
         .await;
         assert!(matches!(err, Err(HookError::Timeout { .. })));
         let err = run(
-            "web",
+            &["web"],
             Path::new("/k"),
             &["/nonexistent/prog".into()],
             Duration::from_secs(1),

@@ -2,7 +2,7 @@
 //! follows a symlink at a destination.
 
 use std::collections::HashMap;
-use std::fs::OpenOptions;
+use std::fs::{File, Metadata, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -68,28 +68,47 @@ pub fn observe_all<'a>(paths: impl IntoIterator<Item = &'a Path>) -> ObservedFil
     })
 }
 
-/// Observe one path.
+/// Observe one path. The file is opened first (never following a symlink, never blocking on a
+/// FIFO) and everything else is read through the descriptor, so what is reported is one file.
 pub fn observe(path: &Path) -> Observed {
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Observed::Missing,
-        Err(e) => return Observed::Unreadable(e.to_string()),
+    match open_regular(path) {
+        Ok((mut file, meta)) => match hash_open(&mut file) {
+            Ok(sha256) => Observed::Regular(FileFacts {
+                mode: meta.mode() & 0o7777,
+                uid: meta.uid(),
+                gid: meta.gid(),
+                sha256,
+            }),
+            Err(e) => Observed::Unreadable(e.to_string()),
+        },
+        Err(found) => found,
+    }
+}
+
+/// Open `path` read-only as a regular file, or say what is there instead (`Missing`,
+/// `Symlink`, `NotRegular`, `Unreadable`).
+pub fn open_regular(path: &Path) -> Result<(File, Metadata), Observed> {
+    let opened = OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC)
+        .open(path);
+    let file = match opened {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(Observed::Missing),
+        // O_NOFOLLOW on a symlink fails with ELOOP.
+        Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => return Err(Observed::Symlink),
+        Err(e) => {
+            return Err(match std::fs::symlink_metadata(path) {
+                Ok(m) if m.file_type().is_symlink() => Observed::Symlink,
+                Ok(m) if !m.file_type().is_file() => Observed::NotRegular,
+                _ => Observed::Unreadable(e.to_string()),
+            });
+        }
     };
-    if meta.file_type().is_symlink() {
-        return Observed::Symlink;
-    }
-    if !meta.file_type().is_file() {
-        return Observed::NotRegular;
-    }
-    match hash_file(path) {
-        Ok(sha256) => Observed::Regular(FileFacts {
-            mode: meta.mode() & 0o7777,
-            uid: meta.uid(),
-            gid: meta.gid(),
-            sha256,
-        }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Observed::Missing,
-        Err(e) => Observed::Unreadable(e.to_string()),
+    match file.metadata() {
+        Ok(meta) if meta.file_type().is_file() => Ok((file, meta)),
+        Ok(_) => Err(Observed::NotRegular),
+        Err(e) => Err(Observed::Unreadable(e.to_string())),
     }
 }
 
@@ -98,11 +117,8 @@ pub fn sha256_of(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
-fn hash_file(path: &Path) -> io::Result<String> {
-    let mut file = OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
-        .open(path)?;
+/// `sha256:<hex>` of what is left to read in `file`.
+pub fn hash_open(file: &mut File) -> io::Result<String> {
     let mut hasher = Sha256::new();
     // The file may hold a plaintext key: wipe what was read into the buffer, and only that
     // (wiping is byte by byte, and a no-op pass reads ten thousand small files).
@@ -137,6 +153,13 @@ mod tests {
         assert_eq!(observe(&tmp.path().join("none")), Observed::Missing);
         assert_eq!(observe(&link), Observed::Symlink);
         assert_eq!(observe(tmp.path()), Observed::NotRegular);
+        let fifo = tmp.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        assert_eq!(
+            observe(&fifo),
+            Observed::NotRegular,
+            "a FIFO never blocks the pass"
+        );
         match observe(&file) {
             Observed::Regular(f) => assert_eq!(f.sha256, sha256_of(b"abc")),
             other => panic!("{other:?}"),

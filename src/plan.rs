@@ -155,6 +155,9 @@ pub struct Action {
     pub key: String,
     pub path: PathBuf,
     pub change: Change,
+    /// `sha256:<hex>` of the regular file at `path` when planned; `None` when there was none.
+    /// The writer checks the file is still so before replacing or deleting it.
+    pub seen: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -200,6 +203,7 @@ pub fn plan(desired: &[Desired], prune: bool, observed: &ObservedFiles, state: &
             key: want.name.clone(),
             path: want.path.clone(),
             change,
+            seen: seen(observed, &want.path),
         });
     }
 
@@ -231,9 +235,17 @@ pub fn plan(desired: &[Desired], prune: bool, observed: &ObservedFiles, state: &
             key: name.clone(),
             path: rec.path.clone(),
             change,
+            seen: seen(observed, &rec.path),
         });
     }
     Plan { actions }
+}
+
+fn seen(observed: &ObservedFiles, path: &PathBuf) -> Option<String> {
+    match observed.get(path) {
+        Some(Observed::Regular(facts)) => Some(facts.sha256.clone()),
+        _ => None,
+    }
 }
 
 fn plan_existing(want: &Desired, facts: &FileFacts, state: &State) -> Change {

@@ -23,6 +23,7 @@ use crate::observe;
 use crate::plan::{self, Change, Desired, Plan};
 use crate::secret::SecretBytes;
 use crate::state::{self, ErrorRecord, FileRecord, PassRecord, State, StateError};
+use crate::write::Prior;
 use crate::{encrypt, hooks, keycheck, write};
 
 /// Why one key is not in place after the pass.
@@ -121,8 +122,15 @@ pub async fn reconcile_once(
     let specs: BTreeMap<&str, &KeySpec> =
         manifest.keys.iter().map(|k| (k.name.as_str(), k)).collect();
     let mut outcomes: Vec<Outcome> = Vec::new();
-    let mut to_export: Vec<&KeySpec> = Vec::new();
+    let mut to_export: Vec<(&KeySpec, Option<String>)> = Vec::new();
+    let mut prunes = Vec::new();
     let mut changed: Vec<&KeySpec> = Vec::new();
+
+    // A state folder that cannot be written fails the pass before any key is, so no key is
+    // ever written without its record.
+    if plan.has_pending() {
+        state.save(&manifest.settings.state_dir)?;
+    }
 
     for action in &plan.actions {
         let mut outcome = Outcome {
@@ -133,22 +141,23 @@ pub async fn reconcile_once(
         };
         match &action.change {
             c if c.needs_export() => {
-                to_export.push(specs[action.key.as_str()]);
+                to_export.push((specs[action.key.as_str()], action.seen.clone()));
                 continue;
             }
             Change::FixMeta => {
                 let spec = specs[action.key.as_str()];
-                outcome.result = write::fix_meta(&spec.path, crate::plan::Desired::from(spec).meta)
+                let seen = action.seen.as_deref().unwrap_or_default();
+                outcome.result = write::fix_meta(&spec.path, Desired::from(spec).meta, seen)
                     .map_err(|e| failure("write", e.to_string()));
-                tracing::info!(key = %action.key, path = %action.path.display(), "fixed mode/owner/group");
+                if outcome.result.is_ok() {
+                    tracing::info!(key = %action.key, path = %action.path.display(), "fixed mode/owner/group");
+                }
             }
             Change::Prune => {
-                outcome.result =
-                    write::remove(&action.path).map_err(|e| failure("prune", e.to_string()));
-                if outcome.result.is_ok() {
-                    tracing::info!(key = %action.key, path = %action.path.display(), "pruned: no longer in the manifest");
-                    state.forget(&action.key, &action.path);
-                }
+                // After the exports: a key moved to a new path keeps its old file until the
+                // new one is in place.
+                prunes.push(action);
+                continue;
             }
             Change::Forget => state.forget(&action.key, &action.path),
             Change::Conflict(reason) => {
@@ -172,7 +181,7 @@ pub async fn reconcile_once(
             None
         };
         let mut exportable = Vec::new();
-        for spec in to_export {
+        for (spec, seen) in to_export {
             match remote.as_ref().map(|r| check_listing(r, &spec.name)) {
                 Some(Err(f)) => outcomes.push(Outcome {
                     key: spec.name.clone(),
@@ -180,7 +189,7 @@ pub async fn reconcile_once(
                     change: plan_change(&plan, &spec.name),
                     result: Err(f),
                 }),
-                _ => exportable.push(spec),
+                _ => exportable.push((spec, seen)),
             }
         }
         let remote = remote.map(Arc::new);
@@ -195,6 +204,27 @@ pub async fn reconcile_once(
             }
             outcomes.push(outcome);
         }
+    }
+
+    for action in prunes {
+        let new_copy_failed = outcomes
+            .iter()
+            .any(|o| o.key == action.key && o.change.needs_export() && o.result.is_err());
+        if new_copy_failed || options.stopping() {
+            continue;
+        }
+        let seen = action.seen.as_deref().unwrap_or_default();
+        let result = write::remove(&action.path, seen).map_err(|e| failure("prune", e.to_string()));
+        if result.is_ok() {
+            tracing::info!(key = %action.key, path = %action.path.display(), "pruned: no longer in the manifest");
+            state.forget(&action.key, &action.path);
+        }
+        outcomes.push(Outcome {
+            key: action.key.clone(),
+            path: action.path.clone(),
+            change: action.change.clone(),
+            result,
+        });
     }
 
     // Errors: remember the last failure per key, forget it once the key is in place.
@@ -240,20 +270,20 @@ pub async fn reconcile_once(
     });
     state.save(&manifest.settings.state_dir)?;
 
-    // Hooks last, once per distinct argv, after the state records what was written.
+    // Hooks last, after the state records what was written: once per distinct argv, with
+    // every changed key that shares it in KPS_SYNC_KEYS.
     let mut hook_failures = Vec::new();
-    let mut ran: BTreeSet<&[String]> = BTreeSet::new();
-    for spec in changed {
-        if spec.on_change.is_empty() || !ran.insert(&spec.on_change) || options.stopping() {
-            continue;
+    let mut by_argv: BTreeMap<&[String], Vec<&KeySpec>> = BTreeMap::new();
+    for spec in changed.iter().filter(|s| !s.on_change.is_empty()) {
+        by_argv.entry(&spec.on_change).or_default().push(spec);
+    }
+    for (argv, keys) in by_argv {
+        if options.stopping() {
+            break;
         }
-        if let Err(e) = hooks::run(
-            &spec.name,
-            &spec.path,
-            &spec.on_change,
-            manifest.settings.hook_timeout,
-        )
-        .await
+        let names: Vec<&str> = keys.iter().map(|k| k.name.as_str()).collect();
+        if let Err(e) =
+            hooks::run(&names, &keys[0].path, argv, manifest.settings.hook_timeout).await
         {
             hook_failures.push(e.to_string());
         }
@@ -324,7 +354,7 @@ struct ExportResults {
 async fn export_and_write(
     manifest: &Manifest,
     client: &Arc<KpsClient>,
-    specs: Vec<&KeySpec>,
+    specs: Vec<(&KeySpec, Option<String>)>,
     plan: &Plan,
     remote: Option<Arc<BTreeMap<String, KeypairInfo>>>,
     options: &PassOptions,
@@ -334,7 +364,10 @@ async fn export_and_write(
     let mut tasks: JoinSet<Vec<(KeySpec, Result<FileRecord, KeyFailure>)>> = JoinSet::new();
     let mut interrupted = false;
     for chunk in specs.chunks(MAX_BATCH) {
-        let chunk: Vec<KeySpec> = chunk.iter().map(|s| (*s).clone()).collect();
+        let chunk: Vec<(KeySpec, Option<String>)> = chunk
+            .iter()
+            .map(|(spec, seen)| ((*spec).clone(), seen.clone()))
+            .collect();
         let semaphore = semaphore.clone();
         let remote = remote.clone();
         let options = options.clone();
@@ -344,15 +377,17 @@ async fn export_and_write(
             if options.stopping() {
                 return Vec::new();
             }
-            let names: Vec<String> = chunk.iter().map(|s| s.name.clone()).collect();
+            let names: Vec<String> = chunk.iter().map(|(s, _)| s.name.clone()).collect();
             let exported = export::export_batch(&client, &names).await;
-            let by_name: BTreeMap<String, KeySpec> =
-                chunk.into_iter().map(|s| (s.name.clone(), s)).collect();
+            let by_name: BTreeMap<String, (KeySpec, Option<String>)> = chunk
+                .into_iter()
+                .map(|(s, seen)| (s.name.clone(), (s, seen)))
+                .collect();
             tokio::task::spawn_blocking(move || {
                 exported
                     .into_iter()
                     .map(|(name, result)| {
-                        let spec = by_name[&name].clone();
+                        let (spec, seen) = by_name[&name].clone();
                         if options.stopping() {
                             return (
                                 spec,
@@ -364,7 +399,7 @@ async fn export_and_write(
                         }
                         let record = result
                             .map_err(|e| export_failure(&e))
-                            .and_then(|key| place(&spec, key, remote.as_deref()));
+                            .and_then(|key| place(&spec, seen.as_deref(), key, remote.as_deref()));
                         (spec, record)
                     })
                     .collect()
@@ -420,6 +455,7 @@ fn export_failure(e: &ExportError) -> KeyFailure {
 /// Check, encrypt where asked, and write one key. Runs on a blocking thread.
 fn place(
     spec: &KeySpec,
+    seen: Option<&str>,
     key: SecretBytes,
     remote: Option<&BTreeMap<String, KeypairInfo>>,
 ) -> Result<FileRecord, KeyFailure> {
@@ -445,8 +481,17 @@ fn place(
         None => key,
     };
     let meta = Desired::from(spec).meta;
-    write::write_atomic(&spec.path, bytes.expose(), meta)
-        .map_err(|e| failure("write", e.to_string()))?;
+    let prior = match seen {
+        Some(sha256) => Prior::Sha256(sha256),
+        None => Prior::Absent,
+    };
+    write::write_atomic(&spec.path, bytes.expose(), meta, prior).map_err(|e| {
+        let code = match e {
+            write::WriteError::Changed { .. } | write::WriteError::Symlink { .. } => "conflict",
+            _ => "write",
+        };
+        failure(code, e.to_string())
+    })?;
     Ok(FileRecord {
         path: spec.path.clone(),
         sha256: observe::sha256_of(bytes.expose()),

@@ -8,14 +8,16 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, Read};
+
+use crate::observe::{self, Observed};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::write::{self, FileMeta, WriteError};
+use crate::write::{self, FileMeta, Prior, WriteError};
 
 pub const STATE_FILE: &str = "state.json";
 pub const LOCK_FILE: &str = "lock";
@@ -94,12 +96,29 @@ impl State {
     /// Load `state_dir/state.json`; a missing file is an empty state.
     pub fn load(state_dir: &Path) -> Result<State, StateError> {
         let path = state_dir.join(STATE_FILE);
-        match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|source| StateError::Corrupt { path, source }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(State::new()),
-            Err(source) => Err(StateError::Read { path, source }),
-        }
+        // Read it the way the writer writes it: never through a symlink.
+        let mut file = match observe::open_regular(&path) {
+            Ok((file, _)) => file,
+            Err(Observed::Missing) => return Ok(State::new()),
+            Err(found) => {
+                let why = match found {
+                    Observed::Unreadable(why) => why,
+                    _ => "not a regular file (a symlink?); the state lives only in a regular file"
+                        .into(),
+                };
+                return Err(StateError::Read {
+                    path,
+                    source: io::Error::other(why),
+                });
+            }
+        };
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)
+            .map_err(|source| StateError::Read {
+                path: path.clone(),
+                source,
+            })?;
+        serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt { path, source })
     }
 
     /// Drop the record of `key` if it is still the one for `path` (a key moved to a new path
@@ -113,7 +132,12 @@ impl State {
     /// Save atomically, mode 0600, creating `state_dir` 0700 if needed.
     pub fn save(&self, state_dir: &Path) -> Result<(), StateError> {
         let bytes = serde_json::to_vec_pretty(self).expect("state serializes");
-        write::write_atomic(&state_dir.join(STATE_FILE), &bytes, FileMeta::PRIVATE)?;
+        write::write_atomic(
+            &state_dir.join(STATE_FILE),
+            &bytes,
+            FileMeta::PRIVATE,
+            Prior::Anything,
+        )?;
         Ok(())
     }
 }

@@ -12,8 +12,10 @@
 
 use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+use crate::observe::{self, Observed};
 
 /// What the file must look like besides its bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +63,14 @@ pub enum WriteError {
         gid: Option<u32>,
         source: io::Error,
     },
+    #[error(
+        "{path}: changed on disk while kps-sync was exporting (another writer?); it is kept as it is now and checked again on the next pass"
+    )]
+    Changed { path: PathBuf },
+    #[error(
+        "{path}: has other hard links; kps-sync does not change a file that is also elsewhere. Remove the extra links"
+    )]
+    HardLinked { path: PathBuf },
     #[error("{path}: {op} failed: {source}; the previous file, if any, is untouched")]
     Io {
         path: PathBuf,
@@ -69,8 +79,26 @@ pub enum WriteError {
     },
 }
 
+/// What the caller saw at the destination when it planned the write. The writer checks it is
+/// still so just before the rename, so a file that appeared or changed meanwhile (while the key
+/// was being exported) is never overwritten.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prior<'a> {
+    /// Replace whatever is there (the state file, which only kps-sync writes).
+    Anything,
+    /// Nothing was there: the rename must not replace anything (`RENAME_NOREPLACE`).
+    Absent,
+    /// A regular file with this `sha256:<hex>` was there (or nothing, since).
+    Sha256(&'a str),
+}
+
 /// Write `contents` to `path` atomically with `meta`. Missing parent folders are created 0700.
-pub fn write_atomic(path: &Path, contents: &[u8], meta: FileMeta) -> Result<(), WriteError> {
+pub fn write_atomic(
+    path: &Path,
+    contents: &[u8],
+    meta: FileMeta,
+    prior: Prior<'_>,
+) -> Result<(), WriteError> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -110,23 +138,45 @@ pub fn write_atomic(path: &Path, contents: &[u8], meta: FileMeta) -> Result<(), 
     file.sync_all().map_err(io_err("fsync"))?;
 
     // A symlink planted between the check above and now is replaced by rename, not followed.
-    temp.persist(path).map_err(|e| io_err("rename")(e.error))?;
+    match prior {
+        Prior::Absent => temp.persist_noclobber(path).map_err(|e| {
+            if e.error.kind() == io::ErrorKind::AlreadyExists {
+                WriteError::Changed {
+                    path: path.to_owned(),
+                }
+            } else {
+                io_err("rename")(e.error)
+            }
+        })?,
+        Prior::Sha256(_) | Prior::Anything => {
+            still_as_seen(path, prior)?;
+            temp.persist(path).map_err(|e| io_err("rename")(e.error))?
+        }
+    };
     sync_dir(dir).map_err(io_err("fsync of the folder"))
 }
 
-/// Set mode, owner and group of an existing regular file without rewriting it (`fix-meta`).
-pub fn fix_meta(path: &Path, meta: FileMeta) -> Result<(), WriteError> {
-    refuse_non_regular(path)?;
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|source| WriteError::Io {
+/// Is the destination still what the plan saw?
+fn still_as_seen(path: &Path, prior: Prior<'_>) -> Result<(), WriteError> {
+    let Prior::Sha256(expected) = prior else {
+        return Ok(());
+    };
+    match observe::observe(path) {
+        Observed::Missing => Ok(()),
+        Observed::Regular(facts) if facts.sha256 == expected => Ok(()),
+        _ => Err(WriteError::Changed {
             path: path.to_owned(),
-            op: "open",
-            source,
-        })?;
+        }),
+    }
+}
+
+/// Set mode, owner and group of an existing file without rewriting it (`fix-meta`). Everything
+/// is checked and done through one descriptor: it must be a regular file with one link, holding
+/// exactly the bytes kps-sync wrote (`expected`).
+pub fn fix_meta(path: &Path, meta: FileMeta, expected: &str) -> Result<(), WriteError> {
+    let mut file = open_ours(path, expected)?;
     chown(&file, path, meta)?;
+    let file = &mut file;
     file.set_permissions(Permissions::from_mode(meta.mode & 0o777))
         .map_err(|source| WriteError::Io {
             path: path.to_owned(),
@@ -135,9 +185,41 @@ pub fn fix_meta(path: &Path, meta: FileMeta) -> Result<(), WriteError> {
         })
 }
 
-/// Delete a file kps-sync wrote (`prune`). Refuses symlinks and non-regular files.
-pub fn remove(path: &Path) -> Result<(), WriteError> {
-    refuse_non_regular(path)?;
+/// Open a file kps-sync wrote, checking through the descriptor that it still is.
+fn open_ours(path: &Path, expected: &str) -> Result<File, WriteError> {
+    let (mut file, meta) = observe::open_regular(path).map_err(|found| match found {
+        Observed::Symlink => WriteError::Symlink {
+            path: path.to_owned(),
+        },
+        _ => WriteError::Changed {
+            path: path.to_owned(),
+        },
+    })?;
+    if meta.nlink() != 1 {
+        return Err(WriteError::HardLinked {
+            path: path.to_owned(),
+        });
+    }
+    match observe::hash_open(&mut file) {
+        Ok(sha256) if sha256 == expected => Ok(file),
+        Ok(_) => Err(WriteError::Changed {
+            path: path.to_owned(),
+        }),
+        Err(source) => Err(WriteError::Io {
+            path: path.to_owned(),
+            op: "read",
+            source,
+        }),
+    }
+}
+
+/// Delete a file kps-sync wrote (`prune`), only if it still holds exactly the bytes written.
+pub fn remove(path: &Path, expected: &str) -> Result<(), WriteError> {
+    match open_ours(path, expected) {
+        Ok(_) => {}
+        Err(WriteError::Changed { .. }) if !path.exists() => return Ok(()),
+        Err(e) => return Err(e),
+    }
     match fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -212,25 +294,24 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::MetadataExt;
 
     fn mode_of(path: &Path) -> u32 {
         fs::symlink_metadata(path).unwrap().mode() & 0o7777
+    }
+
+    fn sha(bytes: &[u8]) -> String {
+        observe::sha256_of(bytes)
     }
 
     #[test]
     fn writes_with_the_declared_mode_and_creates_parents_0700() {
         let tmp = tempfile::tempdir().unwrap();
         let target = tmp.path().join("a/b/key.pem");
-        write_atomic(
-            &target,
-            b"secret",
-            FileMeta {
-                mode: 0o640,
-                ..FileMeta::PRIVATE
-            },
-        )
-        .unwrap();
+        let meta = FileMeta {
+            mode: 0o640,
+            ..FileMeta::PRIVATE
+        };
+        write_atomic(&target, b"secret", meta, Prior::Absent).unwrap();
         assert_eq!(fs::read(&target).unwrap(), b"secret");
         assert_eq!(mode_of(&target), 0o640);
         assert_eq!(mode_of(&tmp.path().join("a")), 0o700);
@@ -240,22 +321,41 @@ mod tests {
     }
 
     #[test]
-    fn replaces_an_existing_file_and_keeps_the_mode_exact() {
+    fn replaces_the_file_it_saw_and_keeps_the_mode_exact() {
         let tmp = tempfile::tempdir().unwrap();
         let target = tmp.path().join("key");
-        write_atomic(&target, b"old", FileMeta::PRIVATE).unwrap();
+        write_atomic(&target, b"old", FileMeta::PRIVATE, Prior::Absent).unwrap();
         fs::set_permissions(&target, Permissions::from_mode(0o644)).unwrap();
-        write_atomic(
-            &target,
-            b"new",
-            FileMeta {
-                mode: 0o400,
-                ..FileMeta::PRIVATE
-            },
-        )
-        .unwrap();
+        let meta = FileMeta {
+            mode: 0o400,
+            ..FileMeta::PRIVATE
+        };
+        write_atomic(&target, b"new", meta, Prior::Sha256(&sha(b"old"))).unwrap();
         assert_eq!(fs::read(&target).unwrap(), b"new");
         assert_eq!(mode_of(&target), 0o400);
+    }
+
+    #[test]
+    fn a_file_that_appeared_or_changed_since_the_plan_is_not_overwritten() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("key");
+        fs::write(&target, b"the admin's own file").unwrap();
+        let err = write_atomic(&target, b"secret", FileMeta::PRIVATE, Prior::Absent).unwrap_err();
+        assert!(matches!(err, WriteError::Changed { .. }), "{err}");
+        let err = write_atomic(
+            &target,
+            b"secret",
+            FileMeta::PRIVATE,
+            Prior::Sha256(&sha(b"ours")),
+        )
+        .unwrap_err();
+        assert!(matches!(err, WriteError::Changed { .. }), "{err}");
+        assert_eq!(fs::read(&target).unwrap(), b"the admin's own file");
+        assert_eq!(
+            fs::read_dir(tmp.path()).unwrap().count(),
+            1,
+            "temporary files removed"
+        );
     }
 
     #[test]
@@ -265,7 +365,7 @@ mod tests {
         fs::write(&victim, b"precious").unwrap();
         let link = tmp.path().join("key");
         std::os::unix::fs::symlink(&victim, &link).unwrap();
-        let err = write_atomic(&link, b"secret", FileMeta::PRIVATE).unwrap_err();
+        let err = write_atomic(&link, b"secret", FileMeta::PRIVATE, Prior::Anything).unwrap_err();
         assert!(matches!(err, WriteError::Symlink { .. }), "{err}");
         assert_eq!(fs::read(&victim).unwrap(), b"precious");
         assert!(
@@ -274,13 +374,14 @@ mod tests {
                 .file_type()
                 .is_symlink()
         );
+        let err = fix_meta(&link, FileMeta::PRIVATE, &sha(b"precious")).unwrap_err();
+        assert!(matches!(err, WriteError::Symlink { .. }), "{err}");
     }
 
     #[test]
     fn refuses_a_directory_destination() {
         let tmp = tempfile::tempdir().unwrap();
-        let err = write_atomic(tmp.path(), b"x", FileMeta::PRIVATE);
-        assert!(err.is_err());
+        assert!(write_atomic(tmp.path(), b"x", FileMeta::PRIVATE, Prior::Anything).is_err());
     }
 
     #[test]
@@ -296,27 +397,49 @@ mod tests {
             gid: Some(4343),
             ..FileMeta::PRIVATE
         };
-        write_atomic(&target, b"k", meta).unwrap();
+        write_atomic(&target, b"k", meta, Prior::Absent).unwrap();
         let m = fs::metadata(&target).unwrap();
         assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (4242, 4343, 0o600));
     }
 
     #[test]
-    fn fix_meta_and_remove() {
+    fn fix_meta_and_remove_touch_only_our_intact_single_link_file() {
         let tmp = tempfile::tempdir().unwrap();
         let target = tmp.path().join("key");
-        write_atomic(&target, b"k", FileMeta::PRIVATE).unwrap();
+        write_atomic(&target, b"k", FileMeta::PRIVATE, Prior::Absent).unwrap();
+        let ours = sha(b"k");
         fix_meta(
             &target,
             FileMeta {
                 mode: 0o400,
                 ..FileMeta::PRIVATE
             },
+            &ours,
         )
         .unwrap();
         assert_eq!(mode_of(&target), 0o400);
-        remove(&target).unwrap();
+
+        let link = tmp.path().join("elsewhere");
+        fs::hard_link(&target, &link).unwrap();
+        let err = fix_meta(&target, FileMeta::PRIVATE, &ours).unwrap_err();
+        assert!(matches!(err, WriteError::HardLinked { .. }), "{err}");
+        assert!(remove(&target, &ours).is_err());
+        fs::remove_file(&link).unwrap();
+
+        assert!(remove(&target, &sha(b"not what is there")).is_err());
+        assert!(target.exists());
+        remove(&target, &ours).unwrap();
         assert!(!target.exists());
-        remove(&target).unwrap();
+        remove(&target, &ours).unwrap();
+    }
+
+    #[test]
+    fn a_fifo_at_the_destination_does_not_block() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fifo = tmp.path().join("key");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        assert!(fix_meta(&fifo, FileMeta::PRIVATE, &sha(b"")).is_err());
+        assert!(remove(&fifo, &sha(b"")).is_err());
+        assert!(write_atomic(&fifo, b"x", FileMeta::PRIVATE, Prior::Absent).is_err());
     }
 }

@@ -27,6 +27,7 @@ fn a_bad_manifest_is_exit_2_naming_file_line_and_column_and_nothing_happens() {
             "recipient",
         ),
         ("  a: [unclosed\n", "yaml"),
+        ("  a: state/a.pem\n", "inside state_dir"),
     ];
     for (keys, expect) in cases {
         let path = sb.manifest("", keys);

@@ -14,6 +14,9 @@ fn check(hostile: Hostile, expect_in_error: &str) {
     // A good file from an earlier pass must survive the hostile one untouched.
     let run = sb.reconcile();
     assert_eq!(run.code, 0, "{run:?}");
+    // alpha is due a restore and beta a create: the hostile batch carries both, and neither
+    // the altered alpha nor the folder may change.
+    std::fs::write(sb.path("out/alpha.pem"), "altered alpha").unwrap();
     let good = std::fs::read(sb.path("out/alpha.pem")).unwrap();
     std::fs::remove_file(sb.path("out/beta.pem")).unwrap();
     let before = tree(sb.dir.path());

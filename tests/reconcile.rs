@@ -281,13 +281,12 @@ fn server_errors_and_throttling_are_retried() {
 }
 
 #[test]
-fn kps_down_is_exit_1_and_keeps_good_files() {
+fn kps_down_is_exit_1_and_never_touches_the_file_on_disk() {
     let sb = Sandbox::new();
     sb.fake.add_key("a");
     sb.manifest("", &keys_yaml(&["a"]));
     assert_eq!(sb.reconcile().code, 0);
-    let good = std::fs::read(sb.path("out/a.pem")).unwrap();
-    std::fs::remove_file(sb.path("out/a.pem")).unwrap();
+    std::fs::write(sb.path("out/a.pem"), "altered by hand").unwrap();
     sb.fake.set_error_rate(1.0);
     let run = sb.reconcile();
     assert_eq!(run.code, 1, "{run:?}");
@@ -295,9 +294,86 @@ fn kps_down_is_exit_1_and_keeps_good_files() {
         run.stderr.contains("key a ") && run.stderr.contains("KPS.0004"),
         "{run:?}"
     );
+    assert_eq!(
+        std::fs::read_to_string(sb.path("out/a.pem")).unwrap(),
+        "altered by hand",
+        "a failed restore leaves the file as it was"
+    );
     sb.fake.set_error_rate(0.0);
     assert_eq!(sb.reconcile().code, 0);
-    assert_eq!(std::fs::read(sb.path("out/a.pem")).unwrap(), good);
+    assert_eq!(
+        std::fs::read_to_string(sb.path("out/a.pem")).unwrap(),
+        sb.fake.private_key("a").unwrap()
+    );
+}
+
+#[test]
+fn a_file_placed_while_the_key_is_being_exported_is_not_overwritten() {
+    let sb = Sandbox::new();
+    sb.fake.add_key("a");
+    sb.fake.set_latency(Duration::from_millis(1500));
+    sb.manifest("", &keys_yaml(&["a"]));
+    std::fs::create_dir_all(sb.path("out")).unwrap();
+    let child = sb
+        .cmd(&["reconcile"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    std::fs::write(sb.path("out/a.pem"), "the admin's own file").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(sb.path("out/a.pem")).unwrap(),
+        "the admin's own file"
+    );
+    assert!(
+        stderr.contains("key a ") && stderr.contains("conflict"),
+        "{stderr}"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(sb.path("out")).unwrap().collect();
+    assert_eq!(leftovers.len(), 1, "no temporary file left");
+}
+
+#[test]
+fn a_moved_key_keeps_its_old_file_until_the_new_one_is_in_place() {
+    let sb = Sandbox::new();
+    sb.fake.add_key("a");
+    sb.manifest("  prune: true\n", "  a: old/a.pem\n");
+    assert_eq!(sb.reconcile().code, 0);
+    sb.manifest("  prune: true\n", "  a: new/a.pem\n");
+    sb.fake.set_error_rate(1.0);
+    let run = sb.reconcile();
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        sb.path("old/a.pem").exists(),
+        "not pruned while the new copy failed"
+    );
+    sb.fake.set_error_rate(0.0);
+    let run = sb.reconcile();
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(sb.path("new/a.pem").exists());
+    assert!(!sb.path("old/a.pem").exists(), "{run:?}");
+}
+
+#[test]
+fn a_state_folder_that_cannot_be_written_fails_before_any_key_is() {
+    let sb = Sandbox::new();
+    sb.fake.add_key("a");
+    sb.manifest("", &keys_yaml(&["a"]));
+    std::fs::create_dir_all(sb.path("state")).unwrap();
+    std::fs::write(sb.path("elsewhere.json"), "{}").unwrap();
+    std::os::unix::fs::symlink(sb.path("elsewhere.json"), sb.path("state/state.json")).unwrap();
+    let run = sb.reconcile();
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stderr.contains("state.json"), "{run:?}");
+    assert!(
+        !sb.path("out/a.pem").exists(),
+        "no key written without its record"
+    );
+    assert_eq!(sb.fake.stats().batch_export_calls, 0);
 }
 
 #[test]

@@ -100,6 +100,15 @@ pub(super) enum HttpRule {
 
 /// A base URL: `https://host[:port][/path]`, returned without trailing `/`.
 pub(super) fn check_url(text: &str, http: HttpRule) -> Result<String, String> {
+    if text.contains('@') {
+        // `https://user:password@host`: never echo what may be a password.
+        return Err(
+            "the endpoint holds `user@` (perhaps with a password, not shown here): write \
+                    a plain base URL such as `https://kms.cn-north-4.myhuaweicloud.com` and put \
+                    credentials under `auth:`"
+                .into(),
+        );
+    }
     let shown = text.escape_debug();
     let bad = |why: &str| Err(format!("`{shown}` is not a usable endpoint: {why}"));
     let (is_http, rest) = if let Some(rest) = text.strip_prefix("https://") {
@@ -215,6 +224,12 @@ mod tests {
         for bad in ["a.b", "a b", "a/b", "é", "a\n"] {
             assert!(!valid_name(bad), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_password_in_an_endpoint_is_never_echoed() {
+        let err = check_url("https://ops:hunter2@kms.example", HttpRule::LoopbackOnly).unwrap_err();
+        assert!(!err.contains("hunter2") && err.contains("user@"), "{err}");
     }
 
     #[test]

@@ -98,6 +98,9 @@ pub(super) fn validate(
     };
     let settings = c.settings(raw.settings.unwrap_or_default());
     let keys = c.keys(raw.defaults, raw.keys.unwrap_or_default());
+    if let Some(settings) = &settings {
+        c.reserved_paths(&keys, &settings.state_dir, ctx.manifest);
+    }
     let problems = c.finish();
     match (kps, settings) {
         (Some(kps), Some(settings)) if problems.is_empty() => Ok(Manifest {
@@ -606,6 +609,27 @@ impl Checker<'_> {
             return None;
         }
         ok.then_some(out)
+    }
+
+    /// A key written into the state folder or over the manifest would destroy what kps-sync
+    /// itself needs.
+    fn reserved_paths(&mut self, specs: &[KeySpec], state_dir: &Path, manifest: &Path) {
+        for spec in specs {
+            let what = if spec.path.starts_with(state_dir) {
+                format!("inside state_dir {}", state_dir.display())
+            } else if spec.path == manifest {
+                "the manifest itself".to_owned()
+            } else {
+                continue;
+            };
+            let message = format!(
+                "key `{}` would write {}, which is {what}: choose a path outside kps-sync's own \
+                 files",
+                spec.name,
+                spec.path.display()
+            );
+            self.problem(path(&["keys", &spec.name]), Target::Key, message);
+        }
     }
 
     /// Two keys on one file would overwrite each other on every pass.
