@@ -33,7 +33,7 @@ fn main() {
         fake.add_key(n);
     }
     fake.set_latency(Duration::from_millis(50));
-    let work = Workdir::new(&fake, &names, 4);
+    let work = Workdir::new(&fake, &names, "  concurrency: 4\n");
     fake.reset_stats();
     let m = work.run(&bin);
     let ideal = (names.len().div_ceil(10) as f64 / 4.0) * 0.050;
@@ -61,7 +61,7 @@ fn main() {
         fake.add_key(n);
     }
     fake.set_latency(Duration::ZERO);
-    let work = Workdir::new(&fake, &names, 4);
+    let work = Workdir::new(&fake, &names, "  concurrency: 4\n");
     fake.reset_stats();
     let m = work.run(&bin);
     report(
@@ -141,17 +141,18 @@ fn main() {
         passes[2] <= Duration::from_millis(100),
     );
 
-    idle_daemon(&fake, &bin);
+    idle_daemon(&fake, &bin, "inotify");
+    idle_daemon(&fake, &bin, "poll");
 }
 
-/// The daemon at rest: `kps-sync run` over 100 keys, measured from /proc for 10 s after its first
+/// The daemon at rest, watching by `watch`: `kps-sync run` over 100 keys, measured from /proc for 10 s after its first
 /// pass, then stopped with SIGTERM.
-fn idle_daemon(fake: &fake_kps::FakeKps, bin: &Path) {
-    let names: Vec<String> = (0..100).map(|i| format!("idle-{i:03}")).collect();
+fn idle_daemon(fake: &fake_kps::FakeKps, bin: &Path, watch: &str) {
+    let names: Vec<String> = (0..100).map(|i| format!("idle-{watch}-{i:03}")).collect();
     for n in &names {
         fake.add_key(n);
     }
-    let work = Workdir::new(fake, &names, 4);
+    let work = Workdir::new(fake, &names, &format!("  watch: {watch}\n"));
     let mut child = Command::new(bin)
         .args(["run", "--log-level", "warn", "-m"])
         .arg(work.dir.path().join("manifest.yaml"))
@@ -180,13 +181,13 @@ fn idle_daemon(fake: &fake_kps::FakeKps, bin: &Path) {
         (cpu_after - cpu_before) as f64 / ticks_per_second / window.as_secs_f64() * 100.0;
     let (rss, hwm) = rss_kib(pid);
     report(
-        "daemon idle CPU over 10 s (100 keys)",
+        &format!("daemon idle CPU over 10 s (100 keys, {watch})"),
         format!("{cpu_percent:.2} %"),
         "~0 %".into(),
         cpu_percent < 1.0,
     );
     report(
-        "daemon idle RSS",
+        &format!("daemon idle RSS ({watch})"),
         format!("{:.1} MiB", rss as f64 / 1024.0),
         "<= 20.0 MiB".into(),
         rss <= 20 * 1024,
@@ -204,7 +205,7 @@ fn idle_daemon(fake: &fake_kps::FakeKps, bin: &Path) {
     .unwrap();
     let status = child.wait().unwrap();
     report(
-        "daemon exit on SIGTERM",
+        &format!("daemon exit on SIGTERM ({watch})"),
         format!(
             "{} in {:.0} ms",
             status.code().unwrap_or(-1),
@@ -257,11 +258,11 @@ struct Workdir {
 }
 
 impl Workdir {
-    fn new(fake: &fake_kps::FakeKps, names: &[String], concurrency: usize) -> Workdir {
+    fn new(fake: &fake_kps::FakeKps, names: &[String], settings: &str) -> Workdir {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("token"), fake_kps::TOKEN).unwrap();
         let mut text = format!(
-            "version: 1\nkps:\n  endpoint: {}\n  project_id: {}\n  auth:\n    token_file: token\nsettings:\n  state_dir: state\n  concurrency: {concurrency}\nkeys:\n",
+            "version: 1\nkps:\n  endpoint: {}\n  project_id: {}\n  auth:\n    token_file: token\nsettings:\n  state_dir: state\n{settings}keys:\n",
             fake.url(),
             fake_kps::PROJECT_ID
         );
