@@ -188,7 +188,11 @@ fn no_key_or_token_in_any_output_even_at_trace_level() {
     for n in ["a", "b"] {
         sb.fake.add_key(n);
     }
+    // A retried 500, a 401 that makes the credentials be read again, and the single-export
+    // JSON path (b is left out of the zip) all run at trace level.
     sb.fake.fail_next(1, 500);
+    sb.fake.fail_next(1, 401);
+    sb.fake.set_omit_from_zip(Some("b".into()));
     sb.manifest("", "  a: out/a.pem\n  b: out/b.pem\n  missing: out/m.pem\n");
     let run = sb.run(&["--log-level", "trace", "reconcile"]);
     assert_eq!(run.code, 1, "{run:?}");
@@ -200,6 +204,12 @@ fn no_key_or_token_in_any_output_even_at_trace_level() {
     }
     assert!(!out.contains("PRIVATE KEY"), "no key header in logs");
     assert!(!out.contains(fake_kps::TOKEN), "token leaked");
+    let stats = sb.fake.stats();
+    assert!(
+        stats.single_export_calls >= 1 && stats.unauthorized >= 1,
+        "{stats:?}"
+    );
+    assert!(sb.path("out/b.pem").exists());
 }
 
 #[test]
