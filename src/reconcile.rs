@@ -91,6 +91,17 @@ impl PassOptions {
             .as_ref()
             .is_some_and(|s| s.load(Ordering::Relaxed))
     }
+
+    /// Resolves once shutdown is asked for (never without a flag), so exports still in flight
+    /// are dropped and the pass saves what it wrote at once.
+    async fn stopped(&self) {
+        if self.shutdown.is_none() {
+            return std::future::pending().await;
+        }
+        while !self.stopping() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 /// Compute the plan without touching anything (used by `plan` and at the start of each pass).
@@ -378,7 +389,10 @@ async fn export_and_write(
                 return Vec::new();
             }
             let names: Vec<String> = chunk.iter().map(|(s, _)| s.name.clone()).collect();
-            let exported = export::export_batch(&client, &names).await;
+            let exported = tokio::select! {
+                exported = export::export_batch(&client, &names) => exported,
+                () = options.stopped() => return Vec::new(),
+            };
             let by_name: BTreeMap<String, (KeySpec, Option<String>)> = chunk
                 .into_iter()
                 .map(|(s, seen)| (s.name.clone(), (s, seen)))

@@ -374,6 +374,54 @@ fn sigterm_during_a_slow_pass_exits_zero_and_leaves_no_partial_file() {
 }
 
 #[test]
+fn keys_written_before_sigterm_stay_recorded_as_ours() {
+    let sb = Sandbox::new();
+    let names: Vec<String> = (0..20).map(|i| format!("k{i:02}")).collect();
+    for n in &names {
+        sb.fake.add_key(n);
+    }
+    // Slower than the daemon's grace period after SIGTERM, so only cancelling the export in
+    // flight gets the state saved in time.
+    sb.fake.set_latency(Duration::from_millis(3000));
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    sb.manifest(&format!("{FAST}  concurrency: 1\n"), &keys_yaml(&refs));
+    let mut d = Daemon::start(&sb, &[]);
+    // The first batch of ten lands; the second is in flight when SIGTERM comes.
+    let written = || {
+        std::fs::read_dir(sb.path("out"))
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "pem"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    wait_for("the first batch written", || written() == 10);
+    d.signal(Signal::SIGTERM);
+    let status = d
+        .exit_within(Duration::from_secs(2))
+        .expect("exited within 2 s");
+    assert_eq!(status.code(), Some(0), "{}", d.log());
+    sb.fake.set_latency(Duration::ZERO);
+    sb.fake.reset_stats();
+    assert_eq!(
+        written(),
+        10,
+        "the batch in flight was dropped, not written"
+    );
+    let run = sb.reconcile();
+    assert_eq!(
+        run.code, 0,
+        "no key written by the daemon is taken for someone else's: {run:?}"
+    );
+    assert_eq!(
+        sb.fake.stats().batch_export_calls,
+        1,
+        "only the second batch is left"
+    );
+}
+
+#[test]
 fn a_concurrent_reconcile_waits_for_the_daemons_lock_then_fails_clearly() {
     let sb = Sandbox::new();
     sb.fake.add_key("a");
