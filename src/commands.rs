@@ -53,6 +53,22 @@ pub fn client_for(manifest: &Manifest) -> Result<Arc<KpsClient>, u8> {
     })
 }
 
+/// Take the state folder's lock, waiting up to [`LOCK_WAIT`], or print why not.
+pub async fn take_lock(manifest: &Manifest) -> Result<state::Lock, u8> {
+    let state_dir = manifest.settings.state_dir.clone();
+    match tokio::task::spawn_blocking(move || state::lock(&state_dir, LOCK_WAIT)).await {
+        Ok(Ok(lock)) => Ok(lock),
+        Ok(Err(e)) => {
+            eprintln!("error: {e}");
+            Err(EXIT_FAILED)
+        }
+        Err(e) => {
+            eprintln!("error: cannot take the state lock: {e}");
+            Err(EXIT_FAILED)
+        }
+    }
+}
+
 /// `kps-sync reconcile`: one pass, then exit.
 pub async fn reconcile(manifest_path: &Path, splay: Option<Duration>) -> u8 {
     let manifest = match load_manifest(manifest_path) {
@@ -71,14 +87,9 @@ pub async fn reconcile(manifest_path: &Path, splay: Option<Duration>) -> u8 {
         );
         tokio::time::sleep(delay).await;
     }
-    let state_dir = manifest.settings.state_dir.clone();
-    let lock = match tokio::task::spawn_blocking(move || state::lock(&state_dir, LOCK_WAIT)).await {
-        Ok(Ok(lock)) => lock,
-        Ok(Err(e)) => {
-            eprintln!("error: {e}");
-            return EXIT_FAILED;
-        }
-        Err(_) => return EXIT_FAILED,
+    let lock = match take_lock(&manifest).await {
+        Ok(lock) => lock,
+        Err(code) => return code,
     };
     let result = reconcile::reconcile_once(&manifest, &client, &PassOptions::default()).await;
     drop(lock);

@@ -31,7 +31,7 @@ use tokio::task::{JoinError, JoinHandle};
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 
 use crate::auth::Auth;
-use crate::commands::{self, EXIT_FAILED, EXIT_OK, LOCK_WAIT};
+use crate::commands::{self, EXIT_FAILED, EXIT_OK};
 use crate::kps::{KpsClient, RetryPolicy};
 use crate::manifest::{self, Manifest, Settings};
 use crate::plan::Change;
@@ -72,17 +72,9 @@ pub async fn run(manifest_path: &Path) -> u8 {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let state_dir = manifest.settings.state_dir.clone();
-    let lock = match tokio::task::spawn_blocking(move || state::lock(&state_dir, LOCK_WAIT)).await {
-        Ok(Ok(lock)) => lock,
-        Ok(Err(e)) => {
-            eprintln!("error: {e}");
-            return EXIT_FAILED;
-        }
-        Err(e) => {
-            eprintln!("error: cannot take the state lock: {e}");
-            return EXIT_FAILED;
-        }
+    let lock = match commands::take_lock(&manifest).await {
+        Ok(lock) => lock,
+        Err(code) => return code,
     };
     let watcher = Watcher::new(manifest.settings.watch, poll_every(&manifest.settings));
     tracing::info!(

@@ -687,8 +687,9 @@ fn http_client(
         .map_err(|e| setup(format!("cannot set up the HTTP client: {e}")))
 }
 
-/// A reqwest error with its causes; the URL it names holds no secret.
-fn transport_message(err: &reqwest::Error) -> String {
+/// A reqwest error with its causes; the URL it names holds no secret (a project id, key
+/// names, an endpoint).
+pub(crate) fn transport_message(err: &reqwest::Error) -> String {
     let mut message = err.to_string();
     let mut source = std::error::Error::source(err);
     while let Some(s) = source {

@@ -89,14 +89,7 @@ impl KpsError {
     }
 
     pub fn transport(operation: &'static str, err: &reqwest::Error) -> KpsError {
-        // reqwest's Display includes the URL, which holds only the project id and names.
-        let mut message = err.to_string();
-        let mut source = std::error::Error::source(err);
-        while let Some(s) = source {
-            message.push_str(": ");
-            message.push_str(&s.to_string());
-            source = s.source();
-        }
+        let message = crate::auth::transport_message(err);
         KpsError {
             class: Class::Transient,
             operation,
