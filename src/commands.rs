@@ -23,10 +23,16 @@ pub const LOCK_WAIT: Duration = Duration::from_secs(10);
 
 /// Load the manifest or print why not.
 pub fn load_manifest(path: &Path) -> Result<Manifest, u8> {
-    manifest::load(path).map_err(|e| {
+    let manifest = manifest::load(path).map_err(|e| {
         eprintln!("error: {e}");
         EXIT_INVALID
-    })
+    })?;
+    if manifest.settings.metrics_file.is_some() || manifest.settings.metrics_listen.is_some() {
+        tracing::warn!(
+            "settings.metrics_file / metrics_listen are accepted but this version writes no metrics"
+        );
+    }
+    Ok(manifest)
 }
 
 fn env_var(name: &str) -> Option<String> {
