@@ -457,14 +457,15 @@ fn section_header(line: &str) -> Option<&str> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::collections::HashMap;
 
     const AK: &str = "AKTESTEXAMPLE0000000";
     const SK: &str = "SKtestexample0000000000000000000000000000";
 
-    fn env_of(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + use<> {
+    /// An environment of exactly these variables, for the `env` parameters.
+    pub(crate) fn env_of(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + use<> {
         let map: HashMap<String, String> = vars
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))

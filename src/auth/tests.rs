@@ -2,7 +2,6 @@
 //! KPS (signatures verified by its independent checker, tokens issued by its IAM and metadata
 //! service).
 
-use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
@@ -14,13 +13,7 @@ const SDK_AK: &str = "AKENVEXAMPLE00000000";
 const SDK_SK: &str = "SKenvSECRETexample000000000000000000000000";
 const ENV_TOKEN_VALUE: &str = "env-token-SECRET-0123456789";
 
-fn env_of(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + use<> {
-    let map: HashMap<String, String> = vars
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    move |name| map.get(name).cloned()
-}
+use super::sources::tests::env_of;
 
 fn kps_with(auth: AuthConfig, endpoint: &str, region: Option<&str>) -> KpsConfig {
     KpsConfig {
