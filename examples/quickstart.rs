@@ -39,7 +39,7 @@ async fn main() {
     say("kps-sync plan");
     done(commands::plan(&manifest, false).await);
     say("kps-sync reconcile");
-    done(commands::reconcile(&manifest, None).await);
+    done(commands::reconcile(&manifest, None, false).await);
 
     println!("$ ls -l target/quickstart/keys");
     for rel in [
@@ -78,7 +78,7 @@ async fn main() {
     std::fs::remove_file(work.join("keys/web-prod.pem")).unwrap();
     println!("\n(deleted keys/web-prod.pem by hand)");
     say("kps-sync reconcile");
-    done(commands::reconcile(&manifest, None).await);
+    done(commands::reconcile(&manifest, None, false).await);
     say("kps-sync status");
     done(commands::status(&manifest, false).await);
     println!("KPS calls made: {:?}", fake.stats().batch_export_calls);

@@ -76,7 +76,7 @@ pub async fn take_lock(manifest: &Manifest) -> Result<state::Lock, u8> {
 }
 
 /// `kps-sync reconcile`: one pass, then exit.
-pub async fn reconcile(manifest_path: &Path, splay: Option<Duration>) -> u8 {
+pub async fn reconcile(manifest_path: &Path, splay: Option<Duration>, check_rotation: bool) -> u8 {
     let manifest = match load_manifest(manifest_path) {
         Ok(m) => m,
         Err(code) => return code,
@@ -97,7 +97,11 @@ pub async fn reconcile(manifest_path: &Path, splay: Option<Duration>) -> u8 {
         Ok(lock) => lock,
         Err(code) => return code,
     };
-    let result = reconcile::reconcile_once(&manifest, &client, &PassOptions::default()).await;
+    let options = PassOptions {
+        check_rotation,
+        ..PassOptions::default()
+    };
+    let result = reconcile::reconcile_once(&manifest, &client, &options).await;
     drop(lock);
     match result {
         Ok(report) => {
@@ -150,6 +154,9 @@ pub fn print_report(report: &PassReport) {
     for h in &report.hook_failures {
         eprintln!("error: {h}");
     }
+    if let Some(e) = &report.listing_error {
+        eprintln!("error: {e}");
+    }
 }
 
 /// `action  key  path` lines, the key column aligned.
@@ -168,6 +175,8 @@ fn past_tense(change: &Change) -> &'static str {
         Change::Restore(_) => "restored",
         Change::FixMeta => "fixed-meta",
         Change::ReEncrypt => "re-encrypted",
+        Change::Rotate => "rotated",
+        Change::Adopt { .. } => "adopted",
         Change::Prune => "pruned",
         other => other.word(),
     }
@@ -179,13 +188,14 @@ pub async fn plan(manifest_path: &Path, detailed_exitcode: bool) -> u8 {
         Ok(m) => m,
         Err(code) => return if detailed_exitcode { EXIT_FAILED } else { code },
     };
-    let plan = match reconcile::compute_plan(&manifest).await {
-        Ok((plan, _)) => plan,
+    let observation = match reconcile::Observation::read(&manifest).await {
+        Ok(o) => o,
         Err(e) => {
             eprintln!("error: {e}");
             return EXIT_FAILED;
         }
     };
+    let plan = plan_with_listing(&manifest, &observation).await;
     print_rows(
         plan.actions
             .iter()
@@ -216,6 +226,49 @@ pub async fn plan(manifest_path: &Path, detailed_exitcode: bool) -> u8 {
         (true, true) => 2,
         _ => EXIT_OK,
     }
+}
+
+/// The plan a pass would make: with a listing when the pass would list (so rotations and
+/// adoptions show), else without. A listing that fails is a warning: the plan is still shown.
+async fn plan_with_listing(
+    manifest: &Manifest,
+    observation: &reconcile::Observation,
+) -> crate::plan::Plan {
+    let unlisted = observation.plan(manifest, None);
+    let Some(why) =
+        observation.listing_reason(manifest, &unlisted, false, std::time::SystemTime::now())
+    else {
+        return unlisted;
+    };
+    let listing = match client_for_quiet(manifest) {
+        Ok(client) => match client.auth().ready().await {
+            Ok(()) => reconcile::list(&client, why)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        },
+        Err(e) => Err(e),
+    };
+    match listing {
+        Ok(Some(listing)) => observation.plan(manifest, Some(&listing)),
+        Ok(None) => unlisted,
+        Err(e) => {
+            eprintln!("warning: cannot list KPS ({e}); rotations and adoptions are not shown");
+            unlisted
+        }
+    }
+}
+
+/// [`client_for`] that returns the reason instead of printing it.
+fn client_for_quiet(manifest: &Manifest) -> Result<Arc<KpsClient>, String> {
+    let auth = Auth::resolve(&manifest.kps, &env_var).map_err(|e| e.to_string())?;
+    KpsClient::new(
+        &manifest.kps,
+        &manifest.settings,
+        Arc::new(auth),
+        RetryPolicy::default(),
+    )
+    .map(Arc::new)
 }
 
 /// `kps-sync validate`: the manifest and the credentials' presence; no network.

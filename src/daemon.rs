@@ -311,6 +311,7 @@ impl Daemon {
         let client = self.client.clone();
         let options = PassOptions {
             shutdown: Some(self.shutdown.clone()),
+            ..PassOptions::default()
         };
         tokio::spawn(async move { reconcile::reconcile_once(&manifest, &client, &options).await })
     }

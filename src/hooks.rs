@@ -1,6 +1,8 @@
 //! `on_change` hooks: run an argv (no shell) after a key's file changed, with a timeout.
-//! The hook gets `KPS_SYNC_KEY` and `KPS_SYNC_PATH` (the first changed key sharing the argv)
-//! and `KPS_SYNC_KEYS` (all of them, space-separated) in its environment, never the key.
+//! The hook gets `KPS_SYNC_KEY`, `KPS_SYNC_PATH` and `KPS_SYNC_ACTION` (the first changed key
+//! sharing the argv: its name, path and what was done: `create`, `restore`, `re-encrypt`,
+//! `rotate`), `KPS_SYNC_KEYS` and `KPS_SYNC_ACTIONS` (all of them, space-separated, in the same
+//! order) in its environment, never the key.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -33,9 +35,11 @@ pub enum HookError {
 }
 
 /// Run one hook to completion. Its stdout and stderr go to our stderr (the journal under systemd).
-/// `keys` are the changed keys that share this argv (at least one); `path` is the first's.
+/// `keys` are the changed keys that share this argv (at least one); `actions` what was done to
+/// each, in the same order; `path` is the first key's.
 pub async fn run(
     keys: &[&str],
+    actions: &[&str],
     path: &Path,
     argv: &[String],
     timeout: Duration,
@@ -57,6 +61,11 @@ pub async fn run(
         .env("KPS_SYNC_KEY", keys.first().copied().unwrap_or_default())
         .env("KPS_SYNC_KEYS", &key)
         .env("KPS_SYNC_PATH", path)
+        .env(
+            "KPS_SYNC_ACTION",
+            actions.first().copied().unwrap_or_default(),
+        )
+        .env("KPS_SYNC_ACTIONS", actions.join(" "))
         .stdin(Stdio::null())
         .stdout(stderr())
         .stderr(stderr())
@@ -102,12 +111,13 @@ mod tests {
             "sh".to_owned(),
             "-c".to_owned(),
             format!(
-                "echo \"$KPS_SYNC_KEY $KPS_SYNC_PATH $KPS_SYNC_KEYS\" > {}",
+                "echo \"$KPS_SYNC_KEY $KPS_SYNC_PATH $KPS_SYNC_KEYS $KPS_SYNC_ACTION $KPS_SYNC_ACTIONS\" > {}",
                 out.display()
             ),
         ];
         run(
             &["web", "db"],
+            &["rotate", "create"],
             Path::new("/k/web"),
             &argv,
             Duration::from_secs(5),
@@ -116,11 +126,12 @@ mod tests {
         .unwrap();
         assert_eq!(
             std::fs::read_to_string(&out).unwrap(),
-            "web /k/web web db\n"
+            "web /k/web web db rotate rotate create\n"
         );
 
         let err = run(
             &["web"],
+            &["create"],
             Path::new("/k"),
             &["false".into()],
             Duration::from_secs(5),
@@ -129,6 +140,7 @@ mod tests {
         assert!(matches!(err, Err(HookError::Failed { .. })));
         let err = run(
             &["web"],
+            &["create"],
             Path::new("/k"),
             &["sleep".into(), "5".into()],
             Duration::from_millis(100),
@@ -137,6 +149,7 @@ mod tests {
         assert!(matches!(err, Err(HookError::Timeout { .. })));
         let err = run(
             &["web"],
+            &["create"],
             Path::new("/k"),
             &["/nonexistent/prog".into()],
             Duration::from_secs(1),

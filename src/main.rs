@@ -37,6 +37,9 @@ enum Command {
         /// Wait a random time up to this long first (e.g. 5m), so a fleet spreads its calls.
         #[arg(long, value_parser = humantime::parse_duration)]
         splay: Option<Duration>,
+        /// List KPS now to look for rotated keys, whatever settings.rotation_check says.
+        #[arg(long)]
+        check_rotation: bool,
     },
     /// The daemon: a first pass, then watch and reconcile until SIGTERM.
     Run,
@@ -78,7 +81,10 @@ fn main() -> ExitCode {
         .expect("tokio runtime");
     let code = runtime.block_on(async {
         match cli.command {
-            Command::Reconcile { splay } => commands::reconcile(&manifest, splay).await,
+            Command::Reconcile {
+                splay,
+                check_rotation,
+            } => commands::reconcile(&manifest, splay, check_rotation).await,
             Command::Run => kps_sync::daemon::run(&manifest).await,
             Command::Plan { detailed_exitcode } => {
                 commands::plan(&manifest, detailed_exitcode).await

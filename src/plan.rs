@@ -1,14 +1,19 @@
-//! The planner: a pure function of (desired keys, observed files, state) to actions.
-//! No I/O, no clock. `reconcile` carries the actions out; `plan` prints them.
+//! The planner: a pure function of (desired keys, observed files, state, what KPS lists and
+//! which keys the files kps-sync did not write hold) to actions. No I/O, no clock: the caller
+//! does the listing and reads the keys, and hands them over as values. `reconcile` carries the
+//! actions out; `plan` prints them.
 //!
 //! Invariants:
 //! - a file that exists but is not recorded in the state as written by kps-sync is never
-//!   overwritten or deleted (`Conflict::NotOurs`);
+//!   overwritten or deleted (`Conflict::NotOurs`); it is adopted (recorded, never rewritten)
+//!   only when it holds the very key KPS lists for the name;
+//! - `rotate` needs a listing that shows another public key than the one recorded: without a
+//!   listing, or without a recorded fingerprint, nothing is exported for rotation;
 //! - a symlink or non-regular file at a destination is never followed or replaced;
 //! - prune deletes only a file whose bytes are still exactly what kps-sync wrote;
 //! - applying a plan and planning again yields nothing pending (property-tested below).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::path::PathBuf;
 
@@ -42,6 +47,24 @@ impl From<&KeySpec> for Desired {
     }
 }
 
+/// What the planner knows about keys beyond the disk and the state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyFacts {
+    /// This pass's KPS listing: name -> `SHA256:` fingerprint of the public key KPS lists
+    /// (`None` when it lists none that can be compared). `None` when the pass did not list.
+    pub listed: Option<BTreeMap<String, Option<String>>>,
+    /// The `SHA256:` fingerprint of the private key in each file kps-sync did not write, at a
+    /// destination that is not age-encrypted (the adoption candidates).
+    pub found: HashMap<PathBuf, String>,
+}
+
+impl KeyFacts {
+    /// The fingerprint KPS lists for `name`, if this pass listed and it shows one.
+    fn listed(&self, name: &str) -> Option<&str> {
+        self.listed.as_ref()?.get(name)?.as_deref()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
     /// Missing, never written: export and write.
@@ -52,6 +75,13 @@ pub enum Change {
     FixMeta,
     /// Recipients or armor changed: export and encrypt again.
     ReEncrypt,
+    /// Ours and intact, but KPS now lists another public key for the name (the key pair was
+    /// re-created): export, verify and replace.
+    Rotate,
+    /// Not written by kps-sync, but it holds the very key KPS lists for the name: record it as
+    /// ours without rewriting it; `fix_meta` when its mode/owner/group differ from the
+    /// manifest's.
+    Adopt { fix_meta: bool },
     /// Ours, intact, and no longer in the manifest (`prune: true`): delete.
     Prune,
     /// In place as declared.
@@ -89,6 +119,8 @@ impl Change {
                 | Change::Restore(_)
                 | Change::FixMeta
                 | Change::ReEncrypt
+                | Change::Rotate
+                | Change::Adopt { .. }
                 | Change::Prune
         )
     }
@@ -97,7 +129,7 @@ impl Change {
     pub fn needs_export(&self) -> bool {
         matches!(
             self,
-            Change::Create | Change::Restore(_) | Change::ReEncrypt
+            Change::Create | Change::Restore(_) | Change::ReEncrypt | Change::Rotate
         )
     }
 
@@ -108,6 +140,8 @@ impl Change {
             Change::Restore(_) => "restore",
             Change::FixMeta => "fix-meta",
             Change::ReEncrypt => "re-encrypt",
+            Change::Rotate => "rotate",
+            Change::Adopt { .. } => "adopt",
             Change::Prune => "prune",
             Change::Keep => "keep",
             Change::Conflict(_) => "conflict",
@@ -124,6 +158,11 @@ impl fmt::Display for Change {
             Change::Restore(RestoreReason::Altered) => f.write_str("restore (altered)"),
             Change::Restore(RestoreReason::Replaced) => f.write_str("restore (held another key)"),
             Change::Conflict(r) => write!(f, "conflict: {r}"),
+            Change::Rotate => f.write_str("rotate (KPS lists another public key for the name)"),
+            Change::Adopt { fix_meta: false } => f.write_str("adopt (holds the key KPS lists)"),
+            Change::Adopt { fix_meta: true } => {
+                f.write_str("adopt (holds the key KPS lists; mode/owner/group fixed)")
+            }
             Change::Orphan => f.write_str("orphan (not in the manifest; prune: false keeps it)"),
             other => f.write_str(other.word()),
         }
@@ -182,7 +221,13 @@ impl Plan {
 }
 
 /// Compute the plan. `observed` must hold every desired path and every recorded path.
-pub fn plan(desired: &[Desired], prune: bool, observed: &ObservedFiles, state: &State) -> Plan {
+pub fn plan(
+    desired: &[Desired],
+    prune: bool,
+    observed: &ObservedFiles,
+    state: &State,
+    keys: &KeyFacts,
+) -> Plan {
     let mut actions = Vec::new();
     let managed_paths: HashSet<&PathBuf> = desired.iter().map(|d| &d.path).collect();
     let managed_names: BTreeMap<&str, &Desired> =
@@ -197,7 +242,7 @@ pub fn plan(desired: &[Desired], prune: bool, observed: &ObservedFiles, state: &
                 Some(rec) if rec.path == want.path => Change::Restore(RestoreReason::Deleted),
                 _ => Change::Create,
             },
-            Observed::Regular(facts) => plan_existing(want, facts, state),
+            Observed::Regular(facts) => plan_existing(want, facts, state, keys),
         };
         actions.push(Action {
             key: want.name.clone(),
@@ -248,13 +293,18 @@ fn seen(observed: &ObservedFiles, path: &PathBuf) -> Option<String> {
     }
 }
 
-fn plan_existing(want: &Desired, facts: &FileFacts, state: &State) -> Change {
+fn plan_existing(want: &Desired, facts: &FileFacts, state: &State, keys: &KeyFacts) -> Change {
     if let Some(rec) = state.files.get(&want.name).filter(|r| r.path == want.path) {
         if rec.sha256 != facts.sha256 {
             return Change::Restore(RestoreReason::Altered);
         }
         if rec.recipients != want.recipients {
             return Change::ReEncrypt;
+        }
+        if let (Some(ours), Some(listed)) = (&rec.fingerprint, keys.listed(&want.name))
+            && ours != listed
+        {
+            return Change::Rotate;
         }
         if !meta_matches(&want.meta, facts) {
             return Change::FixMeta;
@@ -267,9 +317,16 @@ fn plan_existing(want: &Desired, facts: &FileFacts, state: &State) -> Change {
         .values()
         .any(|r| r.path == want.path && r.sha256 == facts.sha256);
     if ours {
-        Change::Restore(RestoreReason::Replaced)
-    } else {
-        Change::Conflict(ConflictReason::NotOurs)
+        return Change::Restore(RestoreReason::Replaced);
+    }
+    let held = keys.found.get(&want.path).map(String::as_str);
+    match (held, keys.listed(&want.name)) {
+        (Some(held), Some(listed)) if want.recipients.is_none() && held == listed => {
+            Change::Adopt {
+                fix_meta: !meta_matches(&want.meta, facts),
+            }
+        }
+        _ => Change::Conflict(ConflictReason::NotOurs),
     }
 }
 
@@ -309,7 +366,93 @@ mod tests {
             sha256: sha.into(),
             written_at: "2026-11-25T00:00:00Z".into(),
             recipients: None,
+            fingerprint: None,
         }
+    }
+
+    fn none() -> KeyFacts {
+        KeyFacts::default()
+    }
+
+    fn listing(pairs: &[(&str, &str)]) -> KeyFacts {
+        KeyFacts {
+            listed: Some(
+                pairs
+                    .iter()
+                    .map(|(n, f)| (n.to_string(), Some(f.to_string())))
+                    .collect(),
+            ),
+            found: HashMap::new(),
+        }
+    }
+
+    #[test]
+    fn a_key_recreated_in_kps_is_rotated_only_with_a_listing() {
+        let mut state = State::new();
+        let mut rec = record("/k/a", "sha256:1");
+        rec.fingerprint = Some("SHA256:old".into());
+        state.files.insert("a".into(), rec);
+        let obs = ObservedFiles::from([(PathBuf::from("/k/a"), facts("sha256:1", 0o644))]);
+        let p = plan(
+            &[want("a", "/k/a")],
+            false,
+            &obs,
+            &state,
+            &listing(&[("a", "SHA256:new")]),
+        );
+        assert_eq!(changes(&p), vec![("a", &Change::Rotate)]);
+        assert!(p.has_pending() && p.actions[0].change.needs_export());
+        // Same key listed: only the mode is fixed.
+        let p = plan(
+            &[want("a", "/k/a")],
+            false,
+            &obs,
+            &state,
+            &listing(&[("a", "SHA256:old")]),
+        );
+        assert_eq!(changes(&p), vec![("a", &Change::FixMeta)]);
+        // No listing this pass, the name not listed, or nothing recorded: no rotation.
+        for (facts, recorded) in [
+            (none(), true),
+            (listing(&[("b", "SHA256:new")]), true),
+            (listing(&[("a", "SHA256:new")]), false),
+        ] {
+            let mut state = state.clone();
+            if !recorded {
+                state.files.get_mut("a").unwrap().fingerprint = None;
+            }
+            let p = plan(&[want("a", "/k/a")], false, &obs, &state, &facts);
+            assert_eq!(changes(&p), vec![("a", &Change::FixMeta)]);
+        }
+    }
+
+    #[test]
+    fn a_hand_placed_copy_of_the_listed_key_is_adopted_and_anything_else_kept() {
+        let obs = ObservedFiles::from([(PathBuf::from("/k/a"), facts("sha256:theirs", 0o600))]);
+        let mut keys = listing(&[("a", "SHA256:k")]);
+        keys.found.insert("/k/a".into(), "SHA256:k".into());
+        let p = plan(&[want("a", "/k/a")], false, &obs, &State::new(), &keys);
+        assert_eq!(changes(&p), vec![("a", &Change::Adopt { fix_meta: false })]);
+        assert!(!p.actions[0].change.needs_export());
+
+        let loose = ObservedFiles::from([(PathBuf::from("/k/a"), facts("sha256:theirs", 0o640))]);
+        let p = plan(&[want("a", "/k/a")], false, &loose, &State::new(), &keys);
+        assert_eq!(changes(&p), vec![("a", &Change::Adopt { fix_meta: true })]);
+
+        let not_ours = Change::Conflict(ConflictReason::NotOurs);
+        // Another key, no listing, or an age destination: a conflict, as before.
+        let mut other = keys.clone();
+        other.found.insert("/k/a".into(), "SHA256:other".into());
+        let mut unlisted = keys.clone();
+        unlisted.listed = None;
+        for facts in [other, unlisted, none()] {
+            let p = plan(&[want("a", "/k/a")], false, &obs, &State::new(), &facts);
+            assert_eq!(changes(&p), vec![("a", &not_ours)]);
+        }
+        let mut enc = want("a", "/k/a");
+        enc.recipients = Some("sha256:r".into());
+        let p = plan(&[enc], false, &obs, &State::new(), &keys);
+        assert_eq!(changes(&p), vec![("a", &not_ours)]);
     }
 
     fn changes(p: &Plan) -> Vec<(&str, &Change)> {
@@ -323,10 +466,10 @@ mod tests {
     fn missing_file_is_created_and_a_deleted_one_restored() {
         let mut state = State::new();
         let obs = ObservedFiles::new();
-        let p = plan(&[want("a", "/k/a")], false, &obs, &state);
+        let p = plan(&[want("a", "/k/a")], false, &obs, &state, &none());
         assert_eq!(changes(&p), vec![("a", &Change::Create)]);
         state.files.insert("a".into(), record("/k/a", "sha256:1"));
-        let p = plan(&[want("a", "/k/a")], false, &obs, &state);
+        let p = plan(&[want("a", "/k/a")], false, &obs, &state, &none());
         assert_eq!(
             changes(&p),
             vec![("a", &Change::Restore(RestoreReason::Deleted))]
@@ -336,7 +479,7 @@ mod tests {
     #[test]
     fn a_file_never_written_by_kps_sync_is_kept() {
         let obs = ObservedFiles::from([(PathBuf::from("/k/a"), facts("sha256:theirs", 0o600))]);
-        let p = plan(&[want("a", "/k/a")], true, &obs, &State::new());
+        let p = plan(&[want("a", "/k/a")], true, &obs, &State::new(), &none());
         assert_eq!(
             changes(&p),
             vec![("a", &Change::Conflict(ConflictReason::NotOurs))]
@@ -349,7 +492,7 @@ mod tests {
         let obs = ObservedFiles::from([(PathBuf::from("/k/a"), Observed::Symlink)]);
         let mut state = State::new();
         state.files.insert("a".into(), record("/k/a", "sha256:1"));
-        let p = plan(&[want("a", "/k/a")], true, &obs, &state);
+        let p = plan(&[want("a", "/k/a")], true, &obs, &state, &none());
         assert_eq!(
             changes(&p),
             vec![("a", &Change::Conflict(ConflictReason::Symlink))]
@@ -361,19 +504,19 @@ mod tests {
         let mut state = State::new();
         state.files.insert("a".into(), record("/k/a", "sha256:1"));
         let obs = ObservedFiles::from([(PathBuf::from("/k/a"), facts("sha256:2", 0o600))]);
-        let p = plan(&[want("a", "/k/a")], false, &obs, &state);
+        let p = plan(&[want("a", "/k/a")], false, &obs, &state, &none());
         assert_eq!(
             changes(&p),
             vec![("a", &Change::Restore(RestoreReason::Altered))]
         );
 
         let obs = ObservedFiles::from([(PathBuf::from("/k/a"), facts("sha256:1", 0o644))]);
-        let p = plan(&[want("a", "/k/a")], false, &obs, &state);
+        let p = plan(&[want("a", "/k/a")], false, &obs, &state, &none());
         assert_eq!(changes(&p), vec![("a", &Change::FixMeta)]);
 
         let mut enc = want("a", "/k/a");
         enc.recipients = Some("sha256:r".into());
-        let p = plan(&[enc], false, &obs, &state);
+        let p = plan(&[enc], false, &obs, &state, &none());
         assert_eq!(changes(&p), vec![("a", &Change::ReEncrypt)]);
     }
 
@@ -393,12 +536,12 @@ mod tests {
                 facts("sha256:someone-else", 0o600),
             ),
         ]);
-        let p = plan(&[], true, &obs, &state);
+        let p = plan(&[], true, &obs, &state, &none());
         assert_eq!(
             changes(&p),
             vec![("edited", &Change::Forget), ("gone", &Change::Prune)]
         );
-        let p = plan(&[], false, &obs, &state);
+        let p = plan(&[], false, &obs, &state, &none());
         assert_eq!(changes(&p)[1], ("gone", &Change::Orphan));
     }
 
@@ -407,7 +550,7 @@ mod tests {
         let mut state = State::new();
         state.files.insert("old".into(), record("/k/a", "sha256:1"));
         let obs = ObservedFiles::from([(PathBuf::from("/k/a"), facts("sha256:1", 0o600))]);
-        let p = plan(&[want("new", "/k/a")], true, &obs, &state);
+        let p = plan(&[want("new", "/k/a")], true, &obs, &state, &none());
         assert_eq!(
             changes(&p),
             vec![
@@ -423,6 +566,7 @@ mod tests {
         desired: &[Desired],
         obs: &mut ObservedFiles,
         state: &mut State,
+        keys: &KeyFacts,
         generation: &mut u32,
     ) {
         for action in &plan.actions {
@@ -444,6 +588,24 @@ mod tests {
                     let mut rec = record("", &sha);
                     rec.path = want.path.clone();
                     rec.recipients = want.recipients.clone();
+                    // The export is verified against the listing: what is written is the
+                    // listed key.
+                    rec.fingerprint = keys.listed(&want.name).map(str::to_owned);
+                    state.files.insert(want.name.clone(), rec);
+                }
+                Change::Adopt { fix_meta } => {
+                    let want = want.unwrap();
+                    let Some(Observed::Regular(f)) = obs.get_mut(&want.path) else {
+                        panic!("adopt without a file");
+                    };
+                    if *fix_meta {
+                        f.mode = want.meta.mode;
+                        f.uid = want.meta.uid.unwrap_or(f.uid);
+                        f.gid = want.meta.gid.unwrap_or(f.gid);
+                    }
+                    let mut rec = record("", &f.sha256);
+                    rec.path = want.path.clone();
+                    rec.fingerprint = keys.found.get(&want.path).cloned();
                     state.files.insert(want.name.clone(), rec);
                 }
                 Change::FixMeta => {
@@ -483,7 +645,7 @@ mod tests {
         ]
     }
 
-    fn arb_world() -> impl Strategy<Value = (Vec<Desired>, bool, ObservedFiles, State)> {
+    fn arb_world() -> impl Strategy<Value = (Vec<Desired>, bool, ObservedFiles, State, KeyFacts)> {
         let names = ["a", "b", "c", "d"];
         let paths = ["/k/1", "/k/2", "/k/3", "/k/4", "/k/5"];
         (
@@ -500,12 +662,22 @@ mod tests {
             any::<bool>(),
             proptest::collection::vec(arb_observed(), 5),
             proptest::collection::vec(
-                proptest::option::of((0..5usize, 0..3u8, proptest::option::of(0..2u8))),
+                proptest::option::of((
+                    0..5usize,
+                    0..3u8,
+                    proptest::option::of(0..2u8),
+                    proptest::option::of(0..2u8),
+                )),
                 4,
             ),
+            proptest::option::of(proptest::collection::vec(
+                proptest::option::of(proptest::option::of(0..2u8)),
+                4,
+            )),
+            proptest::collection::vec(proptest::option::of(0..2u8), 5),
         )
             .prop_map(
-                move |(names_used, paths, metas, prune, observed, records)| {
+                move |(names_used, paths, metas, prune, observed, records, listed, found)| {
                     let desired: Vec<Desired> = names_used
                         .iter()
                         .enumerate()
@@ -527,13 +699,29 @@ mod tests {
                         .collect();
                     let mut state = State::new();
                     for (name, rec) in names.iter().zip(records) {
-                        if let Some((p, h, r)) = rec {
+                        if let Some((p, h, r, f)) = rec {
                             let mut fr = record(paths[p], &format!("sha256:{h}"));
                             fr.recipients = r.map(|r| format!("sha256:r{r}"));
+                            fr.fingerprint = f.map(|f| format!("SHA256:{f}"));
                             state.files.insert(name.to_string(), fr);
                         }
                     }
-                    (desired, prune, obs, state)
+                    // Each name: not listed, listed without a usable key, or with one of two.
+                    let listed = listed.map(|l| {
+                        names
+                            .iter()
+                            .zip(l)
+                            .filter_map(|(n, e)| {
+                                e.map(|f| (n.to_string(), f.map(|f| format!("SHA256:{f}"))))
+                            })
+                            .collect()
+                    });
+                    let found = paths
+                        .iter()
+                        .zip(found)
+                        .filter_map(|(p, f)| f.map(|f| (PathBuf::from(p), format!("SHA256:{f}"))))
+                        .collect();
+                    (desired, prune, obs, state, KeyFacts { listed, found })
                 },
             )
     }
@@ -541,13 +729,13 @@ mod tests {
     proptest! {
         #[test]
         fn applying_a_plan_then_planning_again_yields_nothing_to_do(
-            (desired, prune, mut obs, mut state) in arb_world()
+            (desired, prune, mut obs, mut state, keys) in arb_world()
         ) {
-            let first = plan(&desired, prune, &obs, &state);
+            let first = plan(&desired, prune, &obs, &state, &keys);
             let conflicts_before: Vec<_> = first.conflicts().cloned().collect();
             let mut generation = 0;
-            apply(&first, &desired, &mut obs, &mut state, &mut generation);
-            let second = plan(&desired, prune, &obs, &state);
+            apply(&first, &desired, &mut obs, &mut state, &keys, &mut generation);
+            let second = plan(&desired, prune, &obs, &state, &keys);
             prop_assert!(!second.has_pending(), "first: {first:?}\nsecond: {second:?}");
             // Nothing that was not ours became ours, and conflicts stay conflicts.
             let conflicts_after: Vec<_> = second.conflicts().cloned().collect();
@@ -557,10 +745,16 @@ mod tests {
 
         #[test]
         fn files_not_ours_are_never_touched(
-            (desired, prune, obs, state) in arb_world()
+            (desired, prune, obs, state, keys) in arb_world()
         ) {
-            let p = plan(&desired, prune, &obs, &state);
+            let p = plan(&desired, prune, &obs, &state, &keys);
             for action in p.pending() {
+                if matches!(action.change, Change::Adopt { .. }) {
+                    // Adopted only when the file holds the very key KPS lists.
+                    let held = keys.found.get(&action.path);
+                    prop_assert!(held.is_some() && held.map(String::as_str) == keys.listed(&action.key));
+                    continue;
+                }
                 if let Some(Observed::Regular(f)) = obs.get(&action.path) {
                     let ours = state.files.values().any(|r| r.path == action.path && r.sha256 == f.sha256)
                         || state.files.get(&action.key).is_some_and(|r| r.path == action.path);

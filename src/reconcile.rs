@@ -2,25 +2,32 @@
 //! Every trigger (the one-shot command, the daemon's start, a manifest change, a file change,
 //! the timer, SIGHUP) calls [`reconcile_once`] the same way.
 //!
+//! A pass lists KPS only when it needs to: it has keys to export (and `verify_remote` is on),
+//! a file it did not write that might hold the listed key (adoption), `--check-rotation`, or a
+//! last successful listing older than `settings.rotation_check`. The listing then feeds the
+//! (pure) planner, which sees rotations and adoptions in it. So a pass with nothing to do
+//! inside that window makes no KPS call and reads no credential.
+//!
 //! Invariants: a failure on one key never stops the others and never deletes or truncates a good
 //! file; key bytes exist only inside `SecretBytes` between the HTTP body and the atomic writer;
 //! the state is saved at least every second while writing and at the end, so a crash loses at
 //! most a second of records (those files are then seen as not ours and kept, never overwritten).
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::io::Read;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::kps::export::{self, ExportError};
-use crate::kps::{KeypairInfo, KpsClient, MAX_BATCH};
+use crate::kps::{Class, KeypairInfo, KpsClient, KpsError, Listing, MAX_BATCH};
 use crate::manifest::{KeySpec, Manifest};
-use crate::observe;
-use crate::plan::{self, Change, Desired, Plan};
+use crate::observe::{self, Observed, ObservedFiles};
+use crate::plan::{self, Change, Desired, KeyFacts, Plan};
 use crate::secret::SecretBytes;
 use crate::state::{self, ErrorRecord, FileRecord, PassRecord, State, StateError};
 use crate::write::Prior;
@@ -58,12 +65,17 @@ pub struct PassReport {
     pub hook_failures: Vec<String>,
     /// The pass stopped early for shutdown.
     pub interrupted: bool,
+    /// The pass had to list KPS and could not; it went on without the listing.
+    pub listing_error: Option<String>,
 }
 
 impl PassReport {
     /// All managed keys in place and every hook ran.
     pub fn is_success(&self) -> bool {
-        self.failed == 0 && self.hook_failures.is_empty() && !self.interrupted
+        self.failed == 0
+            && self.hook_failures.is_empty()
+            && !self.interrupted
+            && self.listing_error.is_none()
     }
 }
 
@@ -74,8 +86,9 @@ pub enum PassError {
     State(#[from] StateError),
     #[error("{0}")]
     Credentials(#[from] crate::auth::AuthError),
-    #[error("cannot list key pairs in KPS (verify_remote): {0}")]
-    List(crate::kps::KpsError),
+    /// KPS refused the credentials on the listing: every other call would fail the same way.
+    #[error("{0}")]
+    Unauthorized(KpsError),
 }
 
 /// Inputs of a pass besides the manifest.
@@ -83,6 +96,8 @@ pub enum PassError {
 pub struct PassOptions {
     /// Set by SIGTERM: finish the file being written, start nothing new.
     pub shutdown: Option<Arc<AtomicBool>>,
+    /// List KPS whatever `rotation_check` says (`reconcile --check-rotation`).
+    pub check_rotation: bool,
 }
 
 impl PassOptions {
@@ -104,22 +119,160 @@ impl PassOptions {
     }
 }
 
-/// Compute the plan without touching anything (used by `plan` and at the start of each pass).
+/// What a pass reads before it plans: the state, the destinations, and the key held by each
+/// file kps-sync did not write.
+pub struct Observation {
+    pub state: State,
+    desired: Vec<Desired>,
+    observed: ObservedFiles,
+    /// Adoption candidates: path -> `SHA256:` fingerprint of the private key in the file.
+    found: HashMap<PathBuf, String>,
+}
+
+/// Largest file read to see whether it holds a key (an RSA 16384 PEM is under 13 KiB).
+const MAX_CANDIDATE: u64 = 64 << 10;
+
+impl Observation {
+    /// Read the state and look at every destination. Reads no credential, calls nothing.
+    pub async fn read(manifest: &Manifest) -> Result<Observation, StateError> {
+        let state = State::load(&manifest.settings.state_dir)?;
+        let desired: Vec<Desired> = manifest.keys.iter().map(Desired::from).collect();
+        let paths: HashSet<PathBuf> = desired
+            .iter()
+            .map(|d| d.path.clone())
+            .chain(state.files.values().map(|r| r.path.clone()))
+            .collect();
+        // Plain destinations with no record of ours for the key: a file there may be a copy of
+        // the listed key, placed by hand or by another tool.
+        let candidates: Vec<PathBuf> = desired
+            .iter()
+            .filter(|d| d.recipients.is_none())
+            .filter(|d| state.files.get(&d.name).is_none_or(|r| r.path != d.path))
+            .map(|d| d.path.clone())
+            .collect();
+        let ours: HashSet<(PathBuf, String)> = state
+            .files
+            .values()
+            .map(|r| (r.path.clone(), r.sha256.clone()))
+            .collect();
+        let (observed, found) = tokio::task::spawn_blocking(move || {
+            let observed = observe::observe_all(paths.iter().map(PathBuf::as_path));
+            let found = candidates
+                .into_iter()
+                .filter_map(|path| match observed.get(&path) {
+                    Some(Observed::Regular(f))
+                        if !ours.contains(&(path.clone(), f.sha256.clone())) =>
+                    {
+                        let fp = held_key(&path, &f.sha256)?;
+                        Some((path, fp))
+                    }
+                    _ => None,
+                })
+                .collect();
+            (observed, found)
+        })
+        .await
+        .expect("observe does not panic");
+        Ok(Observation {
+            state,
+            desired,
+            observed,
+            found,
+        })
+    }
+
+    /// The plan, with this pass's listing if it has one.
+    pub fn plan(&self, manifest: &Manifest, listing: Option<&Listing>) -> Plan {
+        let keys = KeyFacts {
+            listed: listing.map(|l| {
+                l.iter()
+                    .map(|(name, info)| (name.clone(), info.fingerprint_sha256()))
+                    .collect()
+            }),
+            found: self.found.clone(),
+        };
+        plan::plan(
+            &self.desired,
+            manifest.settings.prune,
+            &self.observed,
+            &self.state,
+            &keys,
+        )
+    }
+
+    /// Why this pass must list KPS, judged on the plan made without a listing; `None`: it
+    /// need not.
+    pub fn listing_reason(
+        &self,
+        manifest: &Manifest,
+        unlisted: &Plan,
+        forced: bool,
+        now: SystemTime,
+    ) -> Option<&'static str> {
+        if forced {
+            return Some("asked for (--check-rotation)");
+        }
+        if manifest.keys.is_empty() {
+            return None;
+        }
+        if manifest.settings.verify_remote
+            && unlisted.actions.iter().any(|a| a.change.needs_export())
+        {
+            return Some("keys to export");
+        }
+        if !self.found.is_empty() {
+            return Some("files kps-sync did not write hold keys: adoption");
+        }
+        if self
+            .state
+            .listing_due(manifest.settings.rotation_check, now)
+        {
+            return Some("rotation check due");
+        }
+        None
+    }
+}
+
+/// The `SHA256:` fingerprint of the private key in `path`, if it is one and still the file
+/// observed (`sha256`). The bytes read are wiped.
+fn held_key(path: &Path, sha256: &str) -> Option<String> {
+    let (file, meta) = observe::open_regular(path).ok()?;
+    if meta.len() > MAX_CANDIDATE {
+        return None;
+    }
+    let mut bytes = zeroize::Zeroizing::new(Vec::with_capacity(meta.len() as usize));
+    file.take(MAX_CANDIDATE).read_to_end(&mut bytes).ok()?;
+    if observe::sha256_of(&bytes) != sha256 {
+        return None;
+    }
+    let public = keycheck::openssh_public_key(&bytes)?;
+    crate::kps::public_key_fingerprint(&public)
+}
+
+/// The plan without a listing: what `status` shows. Touches nothing, calls nothing.
 pub async fn compute_plan(manifest: &Manifest) -> Result<(Plan, State), StateError> {
-    let state = State::load(&manifest.settings.state_dir)?;
-    let desired: Vec<Desired> = manifest.keys.iter().map(Desired::from).collect();
-    let paths: std::collections::HashSet<PathBuf> = desired
-        .iter()
-        .map(|d| d.path.clone())
-        .chain(state.files.values().map(|r| r.path.clone()))
-        .collect();
-    let observed = tokio::task::spawn_blocking(move || {
-        observe::observe_all(paths.iter().map(PathBuf::as_path))
-    })
-    .await
-    .expect("observe does not panic");
-    let plan = plan::plan(&desired, manifest.settings.prune, &observed, &state);
-    Ok((plan, state))
+    let observation = Observation::read(manifest).await?;
+    let plan = observation.plan(manifest, None);
+    Ok((plan, observation.state))
+}
+
+/// List KPS. `Ok(None)` when the credentials may not list (403): that is warned about once
+/// per process, and the pass goes on without a listing.
+pub async fn list(client: &KpsClient, why: &str) -> Result<Option<Listing>, KpsError> {
+    static FORBIDDEN_WARNED: AtomicBool = AtomicBool::new(false);
+    tracing::debug!(why, "listing KPS key pairs");
+    match client.list().await {
+        Ok(listing) => Ok(Some(listing)),
+        Err(e) if e.status == Some(403) => {
+            if !FORBIDDEN_WARNED.swap(true, Ordering::Relaxed) {
+                tracing::warn!(code = %e.code_label(), request_id = ?e.request_id, "KPS refused to list key pairs (no list permission, kps:keypairs:list); going on without the listing: keys are still exported, but rotation, adoption and the check against the listing are off until the permission is granted");
+            } else {
+                tracing::debug!(code = %e.code_label(), "KPS still refuses to list key pairs");
+            }
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Run one pass. The caller holds the state lock.
@@ -129,13 +282,46 @@ pub async fn reconcile_once(
     options: &PassOptions,
 ) -> Result<PassReport, PassError> {
     client.auth().begin_pass().await;
-    let (plan, mut state) = compute_plan(manifest).await?;
+    let observation = Observation::read(manifest).await?;
+    let unlisted = observation.plan(manifest, None);
+    let started = SystemTime::now();
+    let reason = observation.listing_reason(manifest, &unlisted, options.check_rotation, started);
+    let mut listing_error = None;
+    let remote = match reason {
+        None => None,
+        Some(why) => {
+            client.auth().ready().await?;
+            // A listing that fails costs this pass its rotation check, adoptions and the
+            // check of exports against it, never the exports themselves.
+            match list(client, why).await {
+                Ok(listing) => listing,
+                Err(e) if matches!(e.class, Class::Unauthorized | Class::Credentials) => {
+                    return Err(PassError::Unauthorized(e));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot list KPS key pairs; going on without the listing this pass");
+                    listing_error = Some(format!("cannot list KPS key pairs: {e}"));
+                    None
+                }
+            }
+        }
+    };
+    let plan = match &remote {
+        Some(listing) => observation.plan(manifest, Some(listing)),
+        None => unlisted,
+    };
+    let found = observation.found;
+    let mut state = observation.state;
+    if remote.is_some() {
+        state.last_listing = Some(humantime::format_rfc3339_seconds(started).to_string());
+    }
     let specs: BTreeMap<&str, &KeySpec> =
         manifest.keys.iter().map(|k| (k.name.as_str(), k)).collect();
     let mut outcomes: Vec<Outcome> = Vec::new();
     let mut to_export: Vec<(&KeySpec, Option<String>)> = Vec::new();
     let mut prunes = Vec::new();
-    let mut changed: Vec<&KeySpec> = Vec::new();
+    // Keys whose file changed, and how: their hooks run at the end.
+    let mut changed: Vec<(&KeySpec, &'static str)> = Vec::new();
 
     // A state folder that cannot be written fails the pass before any key is, so no key is
     // ever written without its record.
@@ -170,6 +356,27 @@ pub async fn reconcile_once(
                 prunes.push(action);
                 continue;
             }
+            Change::Adopt { fix_meta } => {
+                let spec = specs[action.key.as_str()];
+                let seen = action.seen.clone().unwrap_or_default();
+                if *fix_meta {
+                    outcome.result = write::fix_meta(&spec.path, Desired::from(spec).meta, &seen)
+                        .map_err(|e| failure("write", e.to_string()));
+                }
+                if outcome.result.is_ok() {
+                    tracing::info!(key = %action.key, path = %action.path.display(), "adopted: the file holds the key KPS lists; recorded as managed, not rewritten");
+                    state.files.insert(
+                        action.key.clone(),
+                        FileRecord {
+                            path: spec.path.clone(),
+                            sha256: seen,
+                            written_at: state::now_rfc3339(),
+                            recipients: None,
+                            fingerprint: found.get(&spec.path).cloned(),
+                        },
+                    );
+                }
+            }
             Change::Forget => state.forget(&action.key, &action.path),
             Change::Conflict(reason) => {
                 outcome.result = Err(failure(
@@ -186,11 +393,8 @@ pub async fn reconcile_once(
     let mut interrupted = false;
     if !to_export.is_empty() {
         client.auth().ready().await?;
-        let remote = if manifest.settings.verify_remote {
-            Some(listing(client).await.map_err(PassError::List)?)
-        } else {
-            None
-        };
+        // The listing checks exports only where asked (a rotation check may have listed).
+        let remote = remote.filter(|_| manifest.settings.verify_remote);
         let mut exportable = Vec::new();
         for (spec, seen) in to_export {
             match remote.as_ref().map(|r| check_listing(r, &spec.name)) {
@@ -211,7 +415,7 @@ pub async fn reconcile_once(
         interrupted = results.interrupted;
         for outcome in results.outcomes {
             if outcome.result.is_ok() {
-                changed.push(specs[outcome.key.as_str()]);
+                changed.push((specs[outcome.key.as_str()], outcome.change.word()));
             }
             outcomes.push(outcome);
         }
@@ -284,17 +488,27 @@ pub async fn reconcile_once(
     // Hooks last, after the state records what was written: once per distinct argv, with
     // every changed key that shares it in KPS_SYNC_KEYS.
     let mut hook_failures = Vec::new();
-    let mut by_argv: BTreeMap<&[String], Vec<&KeySpec>> = BTreeMap::new();
-    for spec in changed.iter().filter(|s| !s.on_change.is_empty()) {
-        by_argv.entry(&spec.on_change).or_default().push(spec);
+    let mut by_argv: BTreeMap<&[String], Vec<(&KeySpec, &str)>> = BTreeMap::new();
+    for (spec, action) in changed.iter().filter(|(s, _)| !s.on_change.is_empty()) {
+        by_argv
+            .entry(&spec.on_change)
+            .or_default()
+            .push((spec, action));
     }
     for (argv, keys) in by_argv {
         if options.stopping() {
             break;
         }
-        let names: Vec<&str> = keys.iter().map(|k| k.name.as_str()).collect();
-        if let Err(e) =
-            hooks::run(&names, &keys[0].path, argv, manifest.settings.hook_timeout).await
+        let names: Vec<&str> = keys.iter().map(|(k, _)| k.name.as_str()).collect();
+        let actions: Vec<&str> = keys.iter().map(|(_, a)| *a).collect();
+        if let Err(e) = hooks::run(
+            &names,
+            &actions,
+            &keys[0].0.path,
+            argv,
+            manifest.settings.hook_timeout,
+        )
+        .await
         {
             hook_failures.push(e.to_string());
         }
@@ -307,6 +521,7 @@ pub async fn reconcile_once(
         failed: failed + not_attempted,
         hook_failures,
         interrupted,
+        listing_error,
     })
 }
 
@@ -323,17 +538,6 @@ fn plan_change(plan: &Plan, key: &str) -> Change {
         .find(|a| a.key == key && a.change.needs_export())
         .map(|a| a.change.clone())
         .unwrap_or(Change::Create)
-}
-
-async fn listing(
-    client: &KpsClient,
-) -> Result<BTreeMap<String, KeypairInfo>, crate::kps::KpsError> {
-    Ok(client
-        .list()
-        .await?
-        .into_iter()
-        .map(|k| (k.name.clone(), k))
-        .collect())
 }
 
 fn check_listing(remote: &BTreeMap<String, KeypairInfo>, name: &str) -> Result<(), KeyFailure> {
@@ -490,6 +694,9 @@ fn place(
             "the exported private key does not match the public key KPS lists for this name; not written. Report it to Huawei Cloud support".into(),
         ));
     }
+    // Kept in the state so a later listing can show a rotation.
+    let fingerprint = keycheck::openssh_public_key(key.expose())
+        .and_then(|p| crate::kps::public_key_fingerprint(&p));
     let bytes = match &spec.encryption {
         Some(enc) => encrypt::encrypt(&key, enc).map_err(|e| failure("encrypt", e.to_string()))?,
         None => key,
@@ -511,6 +718,7 @@ fn place(
         sha256: observe::sha256_of(bytes.expose()),
         written_at: state::now_rfc3339(),
         recipients: spec.recipients_fingerprint(),
+        fingerprint,
     })
 }
 

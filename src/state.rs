@@ -35,6 +35,10 @@ pub struct State {
     /// When the last pass ended and how it went, for `status`.
     #[serde(default)]
     pub last_pass: Option<PassRecord>,
+    /// RFC 3339 UTC of the last successful KPS listing: a pass with nothing to export lists
+    /// again (to see rotations) only once this is older than `settings.rotation_check`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_listing: Option<String>,
 }
 
 /// One file kps-sync wrote.
@@ -48,6 +52,11 @@ pub struct FileRecord {
     /// `Encryption::fingerprint` of the recipients, `None` for a plain key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recipients: Option<String>,
+    /// `SHA256:<base64>` of the key's public half (never the key): a listing that shows
+    /// another public key for the name means the key pair was re-created in KPS (rotation).
+    /// `None` in records of older versions, or when the key's type could not be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -181,6 +190,25 @@ pub fn lock(state_dir: &Path, wait: Duration) -> Result<Lock, StateError> {
     }
 }
 
+impl State {
+    /// Whether a pass with nothing to export must list KPS to look for rotations: never
+    /// listed, listed at least `every` ago, or a recorded time that cannot be read or lies in
+    /// the future (a clock that jumped back must not silence the check).
+    pub fn listing_due(&self, every: Duration, now: std::time::SystemTime) -> bool {
+        let Some(at) = self
+            .last_listing
+            .as_deref()
+            .and_then(|t| humantime::parse_rfc3339(t).ok())
+        else {
+            return true;
+        };
+        match now.duration_since(at) {
+            Ok(age) => age >= every,
+            Err(_) => true,
+        }
+    }
+}
+
 /// Now as RFC 3339 UTC with seconds precision.
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
@@ -204,13 +232,29 @@ mod tests {
                 sha256: "sha256:00".into(),
                 written_at: now_rfc3339(),
                 recipients: None,
+                fingerprint: Some("SHA256:abc".into()),
             },
         );
+        state.last_listing = Some(now_rfc3339());
         state.save(&dir).unwrap();
         assert_eq!(State::load(&dir).unwrap(), state);
         let meta = std::fs::metadata(dir.join(STATE_FILE)).unwrap();
         assert_eq!(meta.mode() & 0o777, 0o600);
         assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
+    }
+
+    #[test]
+    fn listing_is_due_when_never_done_old_or_in_the_future() {
+        let now = std::time::SystemTime::now();
+        let mut state = State::new();
+        assert!(state.listing_due(Duration::from_secs(3600), now));
+        state.last_listing = Some(now_rfc3339());
+        assert!(!state.listing_due(Duration::from_secs(3600), now));
+        assert!(state.listing_due(Duration::ZERO, now));
+        assert!(state.listing_due(Duration::from_secs(3600), now + Duration::from_secs(3601)));
+        assert!(state.listing_due(Duration::from_secs(3600), now - Duration::from_secs(60)));
+        state.last_listing = Some("yesterday".into());
+        assert!(state.listing_due(Duration::from_secs(3600), now));
     }
 
     #[test]

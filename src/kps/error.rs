@@ -3,8 +3,6 @@
 
 use std::fmt;
 
-use serde::Deserialize;
-
 /// What the client should do about an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Class {
@@ -147,35 +145,50 @@ impl fmt::Display for KpsError {
 
 impl std::error::Error for KpsError {}
 
-/// `{"error_code","error_msg"}` or the nested `{"error":{"code","message"}}`.
+/// The code and message of an error body, read the way the official SDK's exception handler
+/// reads them: `error_code`/`error_msg`, then `errorCode`/`errorMsg`, then top-level
+/// `code`/`message`, then the first nested object (depth first, in key order) that has one of
+/// these pairs, as in `{"error":{"code":..,"message":..}}`. A pair counts when its code is
+/// there; codes may be strings or numbers. Anything else (HTML, empty) gives nothing, and the
+/// caller falls back to the HTTP status.
 fn parse_error_body(body: &[u8]) -> (Option<String>, Option<String>) {
-    #[derive(Deserialize)]
-    struct Flat {
-        error_code: Option<serde_json::Value>,
-        error_msg: Option<String>,
-        error: Option<Nested>,
-    }
-    #[derive(Deserialize)]
-    struct Nested {
-        code: Option<serde_json::Value>,
-        message: Option<String>,
-    }
-    let text = |v: serde_json::Value| match v {
-        serde_json::Value::String(s) => s,
-        other => other.to_string(),
-    };
-    match serde_json::from_slice::<Flat>(body) {
-        Ok(Flat {
-            error_code: Some(code),
-            error_msg,
-            ..
-        }) => (Some(text(code)), error_msg.map(|m| clip(&m))),
-        Ok(Flat {
-            error: Some(nested),
-            ..
-        }) => (nested.code.map(text), nested.message.map(|m| clip(&m))),
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Object(map)) => match find_pair(&map, 0) {
+            Some((code, message)) => (Some(code), message.map(|m| clip(&m))),
+            None => (None, None),
+        },
         _ => (None, None),
     }
+}
+
+/// Bodies are capped at 1 MiB, but nesting is not: stop looking this deep.
+const MAX_ERROR_DEPTH: usize = 8;
+
+fn find_pair(
+    map: &serde_json::Map<String, serde_json::Value>,
+    depth: usize,
+) -> Option<(String, Option<String>)> {
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    };
+    for (code_key, message_key) in [
+        ("error_code", "error_msg"),
+        ("errorCode", "errorMsg"),
+        ("code", "message"),
+    ] {
+        if let Some(code) = map.get(code_key).and_then(text) {
+            return Some((code, map.get(message_key).and_then(text)));
+        }
+    }
+    if depth >= MAX_ERROR_DEPTH {
+        return None;
+    }
+    map.values().find_map(|v| match v {
+        serde_json::Value::Object(inner) => find_pair(inner, depth + 1),
+        _ => None,
+    })
 }
 
 /// Server messages end up in logs; keep them to a sane length.
@@ -223,6 +236,65 @@ mod tests {
         );
         assert_eq!(e.class, Class::Unauthorized);
         assert_eq!(e.code.as_deref(), Some("401"));
+    }
+
+    #[test]
+    fn reads_every_error_body_form_the_sdk_reads() {
+        for (body, code, message) in [
+            (
+                r#"{"error_code":"KPS.6004","error_msg":"gone"}"#,
+                "KPS.6004",
+                "gone",
+            ),
+            (
+                r#"{"errorCode":"KPS.0002","errorMsg":"bad"}"#,
+                "KPS.0002",
+                "bad",
+            ),
+            (
+                r#"{"code":"APIGW.0301","message":"who are you"}"#,
+                "APIGW.0301",
+                "who are you",
+            ),
+            (r#"{"error":{"code":403,"message":"no"}}"#, "403", "no"),
+            (
+                r#"{"request":"x","fault":{"error_code":"KPS.9004","error_msg":"frozen"}}"#,
+                "KPS.9004",
+                "frozen",
+            ),
+            // The flat pair wins over a nested one.
+            (
+                r#"{"error":{"code":"X","message":"y"},"error_code":"KPS.0004","error_msg":"db"}"#,
+                "KPS.0004",
+                "db",
+            ),
+        ] {
+            let e = KpsError::from_response("x", 400, body.as_bytes(), None);
+            assert_eq!(e.code.as_deref(), Some(code), "{body}");
+            assert_eq!(e.message, message, "{body}");
+        }
+        for body in [&b""[..], b"[]", b"{\"error\":\"flat string\"}", b"<html>"] {
+            let e = KpsError::from_response("x", 418, body, None);
+            assert_eq!(e.code, None);
+            assert_eq!(e.code_label(), "HTTP 418");
+        }
+    }
+
+    #[test]
+    fn unknown_4xx_are_permanent_and_unknown_5xx_transient() {
+        for (status, class) in [
+            (400, Class::Permanent),
+            (404, Class::Permanent),
+            (409, Class::Permanent),
+            (418, Class::Permanent),
+            (500, Class::Transient),
+            (502, Class::Transient),
+            (599, Class::Transient),
+        ] {
+            let e =
+                KpsError::from_response("x", status, br#"{"code":"NEW.1","message":"m"}"#, None);
+            assert_eq!(e.class, class, "{status}");
+        }
     }
 
     #[test]

@@ -10,7 +10,9 @@ pub mod export;
 
 pub use error::{Class, KpsError};
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use reqwest::{Method, StatusCode};
@@ -24,9 +26,18 @@ use crate::secret::{SecretBytes, SecretString};
 
 /// Largest batch the API accepts.
 pub const MAX_BATCH: usize = 10;
+/// The listing page size asked for first: the API documents no maximum.
+pub const LARGE_PAGE: usize = 1000;
+/// The documented default page size, used once KPS refuses [`LARGE_PAGE`].
+pub const DEFAULT_PAGE: usize = 50;
+/// The page size in use. Process-wide, because the daemon builds a new client on each
+/// manifest reload and KPS's answer does not change with it.
+static PAGE_SIZE: AtomicUsize = AtomicUsize::new(LARGE_PAGE);
 /// Caps on response bodies: a zip of 10 keys is a few KiB.
 const MAX_ZIP_BODY: usize = 4 << 20;
 const MAX_JSON_BODY: usize = 1 << 20;
+/// A page of a thousand key pairs with their public keys is well under 1 MiB; leave room.
+const MAX_LIST_BODY: usize = 4 << 20;
 
 /// How hard to try before giving up on one request.
 #[derive(Debug, Clone)]
@@ -79,6 +90,55 @@ impl KeypairInfo {
             Some(_) => true,
         }
     }
+}
+
+/// The KPS listing of the project, by key pair name.
+pub type Listing = BTreeMap<String, KeypairInfo>;
+
+impl KeypairInfo {
+    /// `SHA256:<unpadded base64>` of the listed public key: hashed from `public_key` (the
+    /// blob in its second field), else `fingerprint` when it is already in that form. `None`
+    /// when KPS lists neither (an MD5 `fingerprint` alone cannot be compared with it).
+    pub fn fingerprint_sha256(&self) -> Option<String> {
+        if let Some(line) = &self.public_key
+            && let Some(fp) = public_key_fingerprint(line)
+        {
+            return Some(fp);
+        }
+        self.fingerprint
+            .as_deref()
+            .map(str::trim)
+            .filter(|f| f.starts_with("SHA256:"))
+            .map(|f| f.trim_end_matches('=').to_owned())
+    }
+}
+
+/// `SHA256:<unpadded base64>` of an OpenSSH public key line's blob (`type base64 [comment]`),
+/// as `ssh-keygen -l` prints it.
+pub fn public_key_fingerprint(line: &str) -> Option<String> {
+    use base64::Engine;
+    use sha2::{Digest, Sha256};
+    let blob = line.split_whitespace().nth(1)?;
+    let blob = base64::engine::general_purpose::STANDARD
+        .decode(blob)
+        .ok()?;
+    Some(format!(
+        "SHA256:{}",
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode(Sha256::digest(&blob))
+    ))
+}
+
+/// Percent-encode a query value: only `A-Za-z0-9-_.~` stay bare, as the signer expects.
+fn percent_encode(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 pub struct KpsClient {
@@ -196,7 +256,11 @@ impl KpsClient {
     }
 
     /// `GET ...?limit=&marker=`, paging until `next_marker` is null.
-    pub async fn list(&self) -> Result<Vec<KeypairInfo>, KpsError> {
+    ///
+    /// Pages are asked for [`LARGE_PAGE`] at a time: one call per thousand key pairs. The API
+    /// documents no maximum, so a 400 to that size switches this process to the documented
+    /// default, [`DEFAULT_PAGE`], with one warning, and the page is asked for again.
+    pub async fn list(&self) -> Result<Listing, KpsError> {
         #[derive(Deserialize)]
         struct Page {
             keypairs: Vec<Item>,
@@ -210,22 +274,36 @@ impl KpsClient {
         struct PageInfo {
             next_marker: Option<String>,
         }
-        let mut all = Vec::new();
+        let mut all = Listing::new();
         let mut marker: Option<String> = None;
+        // A server that hands back a marker already seen would page forever.
+        let mut seen = std::collections::HashSet::new();
         loop {
+            let limit = PAGE_SIZE.load(Ordering::Relaxed);
             let query = match &marker {
-                Some(m) => format!("?limit=1000&marker={m}"),
-                None => "?limit=1000".to_owned(),
+                Some(m) => format!("?limit={limit}&marker={}", percent_encode(m)),
+                None => format!("?limit={limit}"),
             };
-            let bytes = self
-                .send("list", Method::GET, &query, None, MAX_ZIP_BODY)
-                .await?;
+            let bytes = match self
+                .send("list", Method::GET, &query, None, MAX_LIST_BODY)
+                .await
+            {
+                Err(e) if e.status == Some(400) && limit != DEFAULT_PAGE => {
+                    if PAGE_SIZE.swap(DEFAULT_PAGE, Ordering::Relaxed) != DEFAULT_PAGE {
+                        tracing::warn!(limit, code = %e.code_label(), request_id = ?e.request_id, "KPS refused the listing page size; using the documented default of {DEFAULT_PAGE} from now on");
+                    }
+                    continue;
+                }
+                other => other?,
+            };
             let page: Page = serde_json::from_slice(bytes.expose())
                 .map_err(|_| bad_answer("list", "the answer is not the documented JSON"))?;
             let count = page.keypairs.len();
-            all.extend(page.keypairs.into_iter().map(|i| i.keypair));
+            for item in page.keypairs {
+                all.insert(item.keypair.name.clone(), item.keypair);
+            }
             match page.page_info.and_then(|p| p.next_marker) {
-                Some(next) if count > 0 && Some(&next) != marker.as_ref() => marker = Some(next),
+                Some(next) if count > 0 && seen.insert(next.clone()) => marker = Some(next),
                 _ => return Ok(all),
             }
         }

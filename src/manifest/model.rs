@@ -82,8 +82,12 @@ pub struct Settings {
     pub prune: bool,
     /// Longest an `on_change` hook may run. Default 30s.
     pub hook_timeout: Duration,
-    /// Check the KPS listing before export (names exist, are hosted, not frozen). Default false.
+    /// List KPS before an export and check each exported key against it (names exist, are
+    /// hosted, not frozen; the private key matches the listed public key). Default true.
     pub verify_remote: bool,
+    /// A pass with nothing to export still lists KPS (to see rotations) once the last
+    /// successful listing is this old. Default 1h; zero lists on every pass.
+    pub rotation_check: Duration,
     /// Default inotify.
     pub watch: WatchMode,
     /// Cap on KPS requests per second, if any.

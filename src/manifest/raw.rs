@@ -134,6 +134,7 @@ pub(super) struct RawSettings {
     pub prune: Option<bool>,
     pub hook_timeout: Option<Text>,
     pub verify_remote: Option<bool>,
+    pub rotation_check: Option<Text>,
     pub watch: Option<Text>,
     pub max_rps: Option<f64>,
     pub metrics_file: Option<Text>,

@@ -206,7 +206,8 @@ fn a_minimal_manifest_gets_every_default() {
     assert_eq!(s.concurrency, 4);
     assert!(!s.prune);
     assert_eq!(s.hook_timeout, Duration::from_secs(30));
-    assert!(!s.verify_remote);
+    assert!(s.verify_remote);
+    assert_eq!(s.rotation_check, Duration::from_secs(3600));
     assert_eq!(s.watch, WatchMode::Inotify);
     assert_eq!(s.max_rps, None);
     assert_eq!(s.metrics_file, None);
@@ -484,6 +485,29 @@ fn bad_region_is_refused() {
         &HEAD.replace("cn-north-4", "cn/north"),
         "3:11",
         &["region name"],
+    );
+}
+
+#[test]
+fn unknown_region_names_the_closest_and_suggests_endpoint() {
+    assert_problem(
+        &HEAD.replace("cn-north-4", "cn-north4"),
+        "3:11",
+        &[
+            "`cn-north4` is not a region where KPS exists",
+            "`cn-north-4`",
+            "endpoint:",
+        ],
+    );
+    // With an endpoint, the region only names IAM: a private cloud's own region is fine.
+    let m =
+        ok(&with_head("  endpoint: https://kms.example.internal\n")
+            .replace("cn-north-4", "private-1"));
+    assert_eq!(m.kps.region.as_deref(), Some("private-1"));
+    let m = ok(&HEAD.replace("cn-north-4", "my-kualalumpur-1"));
+    assert_eq!(
+        m.kps.endpoint,
+        "https://kms.my-kualalumpur-1.myhuaweicloud.com"
     );
 }
 
@@ -945,13 +969,14 @@ fn on_change_must_be_a_list() {
 #[test]
 fn settings_are_read() {
     let m = ok(&with_head(
-        "settings:\n  interval: 1h30m\n  debounce: 0s\n  concurrency: 64\n  prune: true\n  hook_timeout: 10s\n  verify_remote: true\n  watch: poll\n  max_rps: 2.5\n  metrics_listen: \"127.0.0.1:9464\"\n",
+        "settings:\n  interval: 1h30m\n  debounce: 0s\n  concurrency: 64\n  prune: true\n  hook_timeout: 10s\n  verify_remote: false\n  rotation_check: 0s\n  watch: poll\n  max_rps: 2.5\n  metrics_listen: \"127.0.0.1:9464\"\n",
     ));
     let s = &m.settings;
     assert_eq!(s.interval, Duration::from_secs(5400));
     assert_eq!(s.debounce, Duration::ZERO);
     assert_eq!(s.concurrency, 64);
-    assert!(s.prune && s.verify_remote);
+    assert!(s.prune && !s.verify_remote);
+    assert_eq!(s.rotation_check, Duration::ZERO);
     assert_eq!(s.hook_timeout, Duration::from_secs(10));
     assert_eq!(s.watch, WatchMode::Poll);
     assert_eq!(s.max_rps, Some(2.5));

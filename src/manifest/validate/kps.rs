@@ -25,8 +25,21 @@ impl Checker<'_> {
                     None
                 }
             },
-            (None, Some(r)) if valid_region(r) => {
+            (None, Some(r)) if valid_region(r) && regions::is_known(r) => {
                 Some(format!("https://kms.{r}.myhuaweicloud.com"))
+            }
+            (None, Some(r)) if valid_region(r) => {
+                // With `endpoint:` the region only names IAM's host, and private clouds have
+                // regions of their own: only a region that must give the KPS host is checked.
+                self.problem(
+                    path(&["kps", "region"]),
+                    Target::Value,
+                    format!(
+                        "`{r}` is not a region where KPS exists (the official SDK knows 30); did                          you mean `{}`? For a private cloud, give `endpoint:` (its KPS URL)                          instead",
+                        regions::closest(r)
+                    ),
+                );
+                None
             }
             (None, Some(_)) => None,
             (None, None) => {

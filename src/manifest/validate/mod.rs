@@ -16,6 +16,7 @@ use super::raw::{
     Present, RawAuth, RawDefaults, RawKey, RawKps, RawManifest, RawMode, RawOnChange, RawSettings,
     Text,
 };
+use super::regions;
 use super::rules::{HttpRule, check_url, normalize, parse_mode, valid_name, valid_region};
 use super::{
     AuthConfig, Encryption, KeySpec, KpsConfig, Manifest, Principal, Recipient, Settings,
@@ -64,6 +65,7 @@ const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(250);
 const DEFAULT_CONCURRENCY: usize = 4;
 const MAX_CONCURRENCY: i64 = 64;
 const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_ROTATION_CHECK: Duration = Duration::from_secs(3600);
 const DEFAULT_MODE: u32 = 0o600;
 /// Recipients files are a few lines; refuse to slurp something else by mistake.
 const MAX_RECIPIENTS_FILE: u64 = 1 << 20;

@@ -44,6 +44,13 @@ impl Checker<'_> {
             DEFAULT_HOOK_TIMEOUT,
             false,
         );
+        let rotation_check = duration(
+            self,
+            "rotation_check",
+            &s.rotation_check,
+            DEFAULT_ROTATION_CHECK,
+            true,
+        );
         let concurrency = match s.concurrency {
             None => DEFAULT_CONCURRENCY,
             Some(n) if (1..=MAX_CONCURRENCY).contains(&n) => n as usize,
@@ -124,7 +131,8 @@ impl Checker<'_> {
             concurrency,
             prune: s.prune.unwrap_or(false),
             hook_timeout,
-            verify_remote: s.verify_remote.unwrap_or(false),
+            verify_remote: s.verify_remote.unwrap_or(true),
+            rotation_check,
             watch,
             max_rps,
             metrics_file,

@@ -88,6 +88,19 @@ pub enum Hostile {
     NotZip,
 }
 
+/// The shape of KPS error bodies. The official SDK reads all three; the real service is
+/// documented to use the first, and gateways in front of it the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ErrorForm {
+    /// `{"error_code":"KPS.6004","error_msg":"..."}`
+    #[default]
+    ErrorCode,
+    /// `{"code":"KPS.6004","message":"..."}`
+    CodeMessage,
+    /// `{"error":{"code":"KPS.6004","message":"..."}}`
+    Nested,
+}
+
 /// How a KPS request authenticated, as recorded in [`Stats::auth_methods_seen`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum AuthMethod {
@@ -148,6 +161,13 @@ pub(crate) struct State {
     pub admitted: VecDeque<Instant>,
     pub hostile: Option<Hostile>,
     pub omit_from_zip: Option<String>,
+    /// Key pairs listed as frozen; their export fails.
+    pub frozen: BTreeSet<String>,
+    /// Largest `limit` the listing accepts (400 above it); `None`: up to 1000.
+    pub max_page: Option<usize>,
+    /// The listing answers 403, as for credentials without the list permission.
+    pub list_forbidden: bool,
+    pub error_form: ErrorForm,
     /// Accepted tokens and when they stop being accepted (`None`: never).
     pub tokens: HashMap<String, Option<SystemTime>>,
     pub access_keys: HashMap<String, AccessKey>,
@@ -175,6 +195,10 @@ impl State {
             admitted: VecDeque::new(),
             hostile: None,
             omit_from_zip: None,
+            frozen: BTreeSet::new(),
+            max_page: None,
+            list_forbidden: false,
+            error_form: ErrorForm::ErrorCode,
             tokens: HashMap::new(),
             access_keys: HashMap::new(),
             iam_users: HashMap::new(),
@@ -298,6 +322,48 @@ impl FakeKps {
     pub fn add_unhosted_key(&self, name: &str) {
         let kp = sshkey::KeyPair::unhosted(name);
         self.state().keys.insert(name.to_string(), kp);
+    }
+
+    /// Re-creates key pair `name` with fresh material (a rotation), keeping whether KPS hosts
+    /// it; returns the new private key text (`None` for an unhosted key).
+    pub fn rotate_key(&self, name: &str) -> Option<String> {
+        let mut s = self.state();
+        let hosted = s.keys.get(name).is_none_or(|k| k.private_key.is_some());
+        let kp = if hosted {
+            sshkey::KeyPair::generate(name)
+        } else {
+            sshkey::KeyPair::unhosted(name)
+        };
+        let text = kp.private_key.clone();
+        s.keys.insert(name.to_string(), kp);
+        text
+    }
+
+    /// Lists `name` with `frozen_state` `"1"` (or `"0"` again); a frozen key's export fails
+    /// 400 `KPS.6007`, a code of the fake's choosing (the real one is not documented).
+    pub fn set_frozen(&self, name: &str, frozen: bool) {
+        let mut s = self.state();
+        if frozen {
+            s.frozen.insert(name.to_string());
+        } else {
+            s.frozen.remove(name);
+        }
+    }
+
+    /// The largest `limit` the listing accepts; above it, 400 `KPS.0002`. `None`: 1000.
+    pub fn set_max_page(&self, max: Option<usize>) {
+        self.state().max_page = max;
+    }
+
+    /// Whether the listing answers 403 `KPS.9003`, as for credentials that may export but not
+    /// list.
+    pub fn set_list_forbidden(&self, on: bool) {
+        self.state().list_forbidden = on;
+    }
+
+    /// The shape of every KPS error body from now on.
+    pub fn set_error_form(&self, form: ErrorForm) {
+        self.state().error_form = form;
     }
 
     pub fn remove_key(&self, name: &str) {

@@ -18,7 +18,7 @@ use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use crate::{AccessKey, AuthMethod, Hostile, PROJECT_ID, Shared, State, lock, sign};
+use crate::{AccessKey, AuthMethod, ErrorForm, Hostile, PROJECT_ID, Shared, State, lock, sign};
 
 /// Larger request bodies are refused; the biggest real one (10 names) is under 3 KiB.
 const MAX_BODY: usize = 1 << 20;
@@ -46,13 +46,48 @@ async fn handle(AxState(shared): AxState<Shared>, req: Request) -> Response {
         "x-request-id",
         HeaderValue::from_str(&id).expect("ASCII letters"),
     );
-    let mut s = lock(&shared);
-    match resp.status().as_u16() {
-        401 => s.stats.unauthorized += 1,
-        429 => s.stats.throttled += 1,
-        500.. => s.stats.server_errors += 1,
-        _ => {}
+    let form = {
+        let mut s = lock(&shared);
+        match resp.status().as_u16() {
+            401 => s.stats.unauthorized += 1,
+            429 => s.stats.throttled += 1,
+            500.. => s.stats.server_errors += 1,
+            _ => {}
+        }
+        s.error_form
+    };
+    let status = resp.status();
+    if status.is_client_error() || status.is_server_error() {
+        resp = reshape_error(resp, form).await;
     }
+    resp
+}
+
+/// Re-shape a `{"error_code","error_msg"}` body as `form` asks; other bodies (IAM's, the
+/// metadata service's text) stay as they are.
+async fn reshape_error(resp: Response, form: ErrorForm) -> Response {
+    if form == ErrorForm::ErrorCode {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let bytes = axum::body::to_bytes(body, MAX_BODY)
+        .await
+        .unwrap_or_default();
+    let reshaped = serde_json::from_slice::<Value>(&bytes).ok().and_then(|v| {
+        let code = v.get("error_code")?.clone();
+        let msg = v.get("error_msg")?.clone();
+        Some(match form {
+            ErrorForm::CodeMessage => json!({"code": code, "message": msg}),
+            ErrorForm::Nested => json!({"error": {"code": code, "message": msg}}),
+            ErrorForm::ErrorCode => v,
+        })
+    });
+    let body = match reshaped {
+        Some(v) => axum::body::Body::from(serde_json::to_vec(&v).expect("serializes")),
+        None => axum::body::Body::from(bytes),
+    };
+    let mut resp = Response::from_parts(parts, body);
+    resp.headers_mut().remove(header::CONTENT_LENGTH);
     resp
 }
 
@@ -275,6 +310,14 @@ fn not_hosted() -> Response {
     )
 }
 
+fn frozen() -> Response {
+    kps_error(
+        StatusCode::BAD_REQUEST,
+        "KPS.6007",
+        "The keypair is frozen.",
+    )
+}
+
 /// The name in a `{"keypair":{"name":..}}` object, if well formed and valid.
 fn keypair_name(v: &Value) -> Option<&str> {
     v.get("keypair")?
@@ -302,6 +345,9 @@ fn batch_export(s: &mut State, body: &[u8]) -> Response {
             None => return not_exist(),
             Some(k) => keys.push((*name, k.private_key.as_deref())),
         }
+    }
+    if names.iter().any(|n| s.frozen.contains(*n)) {
+        return frozen();
     }
     let Some(keys) = keys
         .into_iter()
@@ -342,6 +388,9 @@ fn single_export(s: &mut State, body: &[u8]) -> Response {
     let Some(key) = s.keys.get(name) else {
         return not_exist();
     };
+    if s.frozen.contains(name) {
+        return frozen();
+    }
     let Some(text) = key.private_key.clone() else {
         return not_hosted();
     };
@@ -352,7 +401,11 @@ fn single_export(s: &mut State, body: &[u8]) -> Response {
     )
 }
 
-fn summary(name: &str, key: &crate::sshkey::KeyPair) -> serde_json::Map<String, Value> {
+fn summary(
+    name: &str,
+    key: &crate::sshkey::KeyPair,
+    frozen: bool,
+) -> serde_json::Map<String, Value> {
     let v = json!({
         "name": name,
         "type": "ssh",
@@ -360,7 +413,7 @@ fn summary(name: &str, key: &crate::sshkey::KeyPair) -> serde_json::Map<String, 
         "public_key": key.public_key_line(),
         "fingerprint": key.fingerprint(),
         "is_key_protection": key.private_key.is_some(),
-        "frozen_state": "0",
+        "frozen_state": if frozen { "1" } else { "0" },
     });
     match v {
         Value::Object(m) => m,
@@ -369,6 +422,14 @@ fn summary(name: &str, key: &crate::sshkey::KeyPair) -> serde_json::Map<String, 
 }
 
 fn list(s: &mut State, query: &str) -> Response {
+    if s.list_forbidden {
+        return kps_error(
+            StatusCode::FORBIDDEN,
+            "KPS.9003",
+            "No permission to list keypairs (kps:keypairs:list).",
+        );
+    }
+    let max = s.max_page.unwrap_or(1000);
     let mut limit = 50usize;
     let mut marker: Option<String> = None;
     for pair in query.split('&').filter(|p| !p.is_empty()) {
@@ -376,8 +437,10 @@ fn list(s: &mut State, query: &str) -> Response {
         let v = String::from_utf8_lossy(&sign::percent_decode(v)).into_owned();
         match k {
             "limit" => match v.parse::<usize>() {
-                Ok(n) if (1..=1000).contains(&n) => limit = n,
-                _ => return bad_request("limit must be an integer from 1 to 1000."),
+                Ok(n) if (1..=max).contains(&n) => limit = n,
+                _ => {
+                    return bad_request(&format!("limit must be an integer from 1 to {max}."));
+                }
             },
             "marker" if valid_name(&v) => marker = Some(v),
             "marker" => return bad_request("Invalid marker."),
@@ -400,7 +463,7 @@ fn list(s: &mut State, query: &str) -> Response {
         .and_then(|_| page.first().map(|(n, _)| n.to_string()));
     let keypairs: Vec<Value> = page
         .iter()
-        .map(|(n, k)| json!({ "keypair": summary(n, k) }))
+        .map(|(n, k)| json!({ "keypair": summary(n, k, s.frozen.contains(n.as_str())) }))
         .collect();
     json_response(
         StatusCode::OK,
@@ -422,9 +485,10 @@ fn detail(s: &mut State, name: &str) -> Response {
     let Some(key) = s.keys.get(name) else {
         return not_exist();
     };
-    let mut m = summary(name, key);
+    let frozen = s.frozen.contains(name);
+    let mut m = summary(name, key, frozen);
     // The real service is inconsistent: a number here, a string in the listing.
-    m.insert("frozen_state".into(), json!(0));
+    m.insert("frozen_state".into(), json!(u8::from(frozen)));
     m.insert("user_id".into(), json!("fakeuser0000000000000000000000id"));
     m.insert("create_time".into(), json!(1_764_000_000_000u64));
     m.insert("update_time".into(), json!(1_764_000_000_000u64));
