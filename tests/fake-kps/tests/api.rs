@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use fake_kps::{AK, AuthMethod, FakeKps, Hostile, Layout, PROJECT_ID, SK, TOKEN, sign};
+use fake_kps::{AK, AuthMethod, ErrorForm, FakeKps, Hostile, Layout, PROJECT_ID, SK, TOKEN, sign};
 use serde_json::{Value, json};
 
 struct Resp {
@@ -868,4 +868,88 @@ async fn starts_and_stops_inside_an_async_test() {
     assert_eq!(r.0, 200);
     drop(r.1);
     assert!(TcpStream::connect(addr).is_err());
+}
+
+#[test]
+fn listing_knobs_page_limit_forbidden_frozen_and_rotation() {
+    let fake = FakeKps::start();
+    fake.add_key("a");
+    fake.add_key("f");
+    let list = |q: &str| with_token(&fake, "GET", &format!("{}{q}", kps_path("")), b"");
+    assert_eq!(list("?limit=1000").status, 200);
+    fake.set_max_page(Some(50));
+    let r = list("?limit=1000");
+    assert_eq!((r.status, r.error_code().as_str()), (400, "KPS.0002"));
+    assert_eq!(list("?limit=50").status, 200);
+
+    fake.set_frozen("f", true);
+    let v = list("?limit=50").json();
+    let states: Vec<(&str, &str)> = v["keypairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| {
+            (
+                k["keypair"]["name"].as_str().unwrap(),
+                k["keypair"]["frozen_state"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(states, [("a", "0"), ("f", "1")]);
+    let r = with_token(
+        &fake,
+        "POST",
+        &kps_path("/private-key/batch-export"),
+        &batch_body(&["a", "f"]),
+    );
+    assert_eq!((r.status, r.error_code().as_str()), (400, "KPS.6007"));
+    fake.set_frozen("f", false);
+    let r = with_token(
+        &fake,
+        "POST",
+        &kps_path("/private-key/batch-export"),
+        &batch_body(&["a", "f"]),
+    );
+    assert_eq!(r.status, 200);
+
+    let before = fake.public_key("a").unwrap();
+    let text = fake.rotate_key("a").unwrap();
+    assert_eq!(fake.private_key("a").unwrap(), text);
+    assert_ne!(fake.public_key("a").unwrap(), before);
+
+    fake.set_list_forbidden(true);
+    let r = list("?limit=50");
+    assert_eq!((r.status, r.error_code().as_str()), (403, "KPS.9003"));
+}
+
+#[test]
+fn error_bodies_take_the_form_asked_for() {
+    let fake = FakeKps::start();
+    let export = || {
+        with_token(
+            &fake,
+            "POST",
+            &kps_path("/private-key/export"),
+            br#"{"keypair":{"name":"gone"}}"#,
+        )
+    };
+    assert_eq!(
+        export().json(),
+        json!({"error_code": "KPS.6004", "error_msg": "The keypair does not exist."})
+    );
+    fake.set_error_form(ErrorForm::CodeMessage);
+    assert_eq!(
+        export().json(),
+        json!({"code": "KPS.6004", "message": "The keypair does not exist."})
+    );
+    fake.set_error_form(ErrorForm::Nested);
+    let r = export();
+    assert_eq!(r.status, 400);
+    assert!(r.header("x-request-id").is_some());
+    assert_eq!(
+        r.json(),
+        json!({"error": {"code": "KPS.6004", "message": "The keypair does not exist."}})
+    );
+    fake.fail_next(1, 503);
+    assert_eq!(export().json()["error"]["code"], "KPS.0003");
 }
