@@ -75,25 +75,6 @@ pub fn encrypt(plaintext: &SecretBytes, enc: &Encryption) -> Result<SecretBytes,
     Ok(SecretBytes::new(std::mem::take(&mut *out)))
 }
 
-/// Parse one recipient line: an `age1...` x25519 key, or an `ssh-ed25519` / `ssh-rsa` public
-/// key line (a trailing comment is allowed). The error says what is accepted.
-pub fn parse_recipient(text: &str) -> Result<ParsedRecipient, String> {
-    let text = text.trim();
-    if text.starts_with("age1") {
-        return text
-            .parse::<age::x25519::Recipient>()
-            .map(ParsedRecipient::X25519)
-            .map_err(|e| format!("not a valid age x25519 recipient ({e})"));
-    }
-    if text.starts_with("ssh-ed25519 ") || text.starts_with("ssh-rsa ") {
-        return text
-            .parse::<age::ssh::Recipient>()
-            .map(ParsedRecipient::Ssh)
-            .map_err(|e| format!("not a valid SSH public key line ({e:?})"));
-    }
-    Err("expected an age recipient (age1...) or an SSH public key line (ssh-ed25519 ... or ssh-rsa ...)".into())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,7 +92,7 @@ mod tests {
                 .iter()
                 .map(|text| Recipient {
                     text: text.to_string(),
-                    parsed: parse_recipient(text).unwrap(),
+                    parsed: crate::manifest::ParsedRecipient::parse(text).unwrap(),
                 })
                 .collect(),
             armor,

@@ -2,39 +2,22 @@
 //! `age` CLI (`apt-get install age`). CI installs it; a developer machine without it skips
 //! with a notice.
 
-use std::path::Path;
-use std::process::{Command, Stdio};
+mod common;
 
-use kps_sync::encrypt::{encrypt, parse_recipient};
-use kps_sync::manifest::{Encryption, Recipient};
+use std::path::Path;
+use std::process::Command;
+
+use kps_sync::encrypt::encrypt;
+use kps_sync::manifest::{Encryption, ParsedRecipient, Recipient};
 use kps_sync::secret::SecretBytes;
 
 const KEY: &[u8] = b"-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----\n";
-
-/// True when `tool` runs; otherwise a notice, or a failure under CI where it must be present.
-fn have(tool: &str) -> bool {
-    if Command::new(tool)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok()
-    {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{tool} must be installed in CI (apt-get install -y age openssh-client)"
-    );
-    eprintln!("notice: {tool} not found; skipping the age CLI interoperability test");
-    false
-}
 
 fn encryption(recipient: &str, armor: bool) -> Encryption {
     Encryption {
         recipients: vec![Recipient {
             text: recipient.to_owned(),
-            parsed: parse_recipient(recipient).expect("a valid recipient"),
+            parsed: ParsedRecipient::parse(recipient).expect("a valid recipient"),
         }],
         armor,
     }
@@ -61,7 +44,7 @@ fn age_decrypt(dir: &Path, identity: &Path, ciphertext: &[u8]) -> Vec<u8> {
 
 #[test]
 fn the_age_cli_decrypts_x25519_output() {
-    if !have("age") || !have("age-keygen") {
+    if !common::have_tool("age", "age") || !common::have_tool("age-keygen", "age") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -86,11 +69,10 @@ fn the_age_cli_decrypts_x25519_output() {
 
 #[test]
 fn the_age_cli_decrypts_ssh_recipient_output() {
-    if !have("age") {
+    if !common::have_tool("age", "age") {
         return;
     }
-    if Command::new("ssh-keygen").arg("-?").output().is_err() {
-        eprintln!("notice: ssh-keygen not found; skipping the ssh recipient CLI test");
+    if !common::have_tool("ssh-keygen", "openssh-client") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

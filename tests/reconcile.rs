@@ -511,8 +511,7 @@ fn the_result_is_right_under_umask_000() {
 
 #[test]
 fn owner_and_group_are_set() {
-    if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("skipped: needs root");
+    if !have_root() {
         return;
     }
     let sb = Sandbox::new();

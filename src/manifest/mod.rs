@@ -36,6 +36,7 @@ mod error;
 mod locate;
 mod model;
 mod raw;
+mod recipient;
 mod regions;
 mod rules;
 mod validate;

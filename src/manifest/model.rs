@@ -135,19 +135,7 @@ pub struct Encryption {
     pub armor: bool,
 }
 
-/// One parsed age recipient and the line it came from.
-#[derive(Clone)]
-pub struct Recipient {
-    /// The recipient as written (public; safe to print).
-    pub text: String,
-    pub parsed: ParsedRecipient,
-}
-
-#[derive(Clone)]
-pub enum ParsedRecipient {
-    X25519(age::x25519::Recipient),
-    Ssh(age::ssh::Recipient),
-}
+pub use super::recipient::{ParsedRecipient, Recipient, RecipientError};
 
 impl std::fmt::Debug for Encryption {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -128,3 +128,36 @@ pub fn tree(dir: &Path) -> Vec<String> {
     out.sort();
     out
 }
+
+/// Is `tool` on PATH? Without it a test may skip on a developer's machine, saying so; where `CI`
+/// is set, a missing tool is a failure, since CI installs every tool the tests need.
+pub fn have_tool(tool: &str, package: &str) -> bool {
+    if Command::new(tool)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok()
+    {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{tool} must be installed in CI (apt-get install {package}); see .ci/run"
+    );
+    eprintln!("skipped: {tool} not found (apt-get install {package})");
+    false
+}
+
+/// Are we root? Same rule as [`have_tool`]: CI runs as root, so there a non-root run fails.
+pub fn have_root() -> bool {
+    if nix::unistd::Uid::effective().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "this test needs root, and CI runs as root"
+    );
+    eprintln!("skipped: needs root");
+    false
+}

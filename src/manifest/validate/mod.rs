@@ -19,8 +19,8 @@ use super::raw::{
 use super::regions;
 use super::rules::{HttpRule, check_url, normalize, parse_mode, valid_name, valid_region};
 use super::{
-    AuthConfig, Encryption, KeySpec, KpsConfig, Manifest, Principal, Recipient, Settings,
-    WatchMode, duration,
+    AuthConfig, Encryption, KeySpec, KpsConfig, Manifest, ParsedRecipient, Principal, Recipient,
+    Settings, WatchMode, duration,
 };
 
 mod kps;
@@ -415,7 +415,7 @@ impl Checker<'_> {
             for (i, text) in list.iter().enumerate() {
                 let mut item = at("age_recipients");
                 item.push(Seg::Index(i));
-                match crate::encrypt::parse_recipient(text.as_str()) {
+                match ParsedRecipient::parse(text.as_str()) {
                     Ok(parsed) => out.push(Recipient {
                         text: text.as_str().trim().to_string(),
                         parsed,
@@ -584,7 +584,7 @@ impl Checker<'_> {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            match crate::encrypt::parse_recipient(line) {
+            match ParsedRecipient::parse(line) {
                 Ok(parsed) => out.push(Recipient {
                     text: line.to_string(),
                     parsed,
