@@ -1,18 +1,29 @@
-//! Unpacking a KPS batch-export zip in memory, with hard limits.
+//! Unpacking a KPS batch-export zip in memory, with hard limits, and telling which entry is
+//! which key.
 //!
-//! The zip's inner layout is not documented, so entries are matched to the requested key names
-//! by their base file name with any extension removed (`demo2.pem`, `keypairs/demo2.pem`,
-//! `demo2` and `demo2.txt` all mean `demo2`). Everything else that could be surprising is an
-//! error, never a file to write.
+//! The zip's inner layout is not documented, so it is read tolerantly:
+//! - entries are matched to the requested names by base name, without the folder and without
+//!   an extension (`demo2.pem`, `keypairs/demo2.pem`, `demo2`, `demo2.txt`, `demo2.pub` all
+//!   mean `demo2`);
+//! - each entry's content is read with the `keys` module: a private key is a key to write, a
+//!   public key (a `.pub` entry) only checks the private key of its name, and anything else
+//!   (a readme, a manifest) is ignored, at debug level;
+//! - a private key whose entry name matches no requested name is matched by its public key
+//!   against the KPS listing; with no listing, or no single match, the zip is refused;
+//! - a requested name with no usable entry is a [`Gap`]: the caller exports it on its own.
+//!
+//! Everything else that could be surprising refuses the whole archive ([`ArchiveError`]), and
+//! every hard limit is a refusal, whatever the entry: size, count, inflation ratio, `..`,
+//! absolute paths, links and special files, encryption, zip64.
 //!
 //! Invariants:
 //! - Nothing touches the filesystem: the archive is read from a byte slice and entry names are
 //!   only ever compared, never used as paths.
-//! - A hostile or damaged archive fails as a whole: no key from it is returned.
+//! - A refused archive yields no key at all.
 //! - Memory stays bounded by [`Limits`]: the entry count is checked from the end-of-central-
 //!   directory record before the zip crate allocates for it, declared sizes are checked before
 //!   anything is inflated, and inflation itself stops one byte past the limit (headers lie).
-//! - Key bytes live only in zeroizing buffers, from the inflater to the returned `SecretBytes`.
+//! - Key bytes live only in zeroizing buffers, from the inflater to the returned keys.
 //! - Errors name the requested keys and the entry (escaped, so a hostile name cannot forge log
 //!   lines), never any entry's contents.
 
@@ -21,9 +32,14 @@ use std::fmt;
 use std::io::{self, Cursor, Read};
 
 use zeroize::Zeroizing;
+use zip::read::ZipFile;
 use zip::{CompressionMethod, ZipArchive};
 
-use crate::secret::SecretBytes;
+use crate::keys::{PrivateKey, PublicKey, Verified};
+use crate::kps::KeypairInfo;
+
+/// The KPS listing by name, when the pass has one.
+pub type Listing = BTreeMap<String, KeypairInfo>;
 
 /// The signature every zip starts with (a local file header).
 const ZIP_MAGIC: &[u8; 4] = b"PK\x03\x04";
@@ -66,10 +82,20 @@ impl Default for Limits {
 /// What an archive held for the requested names.
 #[derive(Debug, Default)]
 pub struct Unpacked {
-    /// Key name -> the entry's bytes (not yet checked to be a private key).
-    pub keys: BTreeMap<String, SecretBytes>,
-    /// Requested names with no entry: the caller fetches them with the single export call.
-    pub missing: Vec<String>,
+    /// Key name -> its parsed private key.
+    pub keys: BTreeMap<String, PrivateKey>,
+    /// Requested names the archive has no usable key for: the caller fetches them with the
+    /// single export call.
+    pub gaps: Vec<(String, Gap)>,
+}
+
+/// Why a requested name got no key from an archive that was otherwise used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gap {
+    /// No entry for the name.
+    Missing,
+    /// The name's entry is not a private key kps-sync accepts (an error page, a passphrase).
+    NotAKey,
 }
 
 /// An entry name as received, shown quoted and escaped, and cut short: it comes from the
@@ -164,8 +190,13 @@ pub enum Problem {
         key: Option<String>,
         mode: u32,
     },
-    /// An entry whose base name matches no requested key.
-    Unmatched { entry: EntryName },
+    /// A private key whose entry name matches no requested key, and whose public key does not
+    /// match exactly one of them in the listing (`listed`: whether there was a listing).
+    Unmatched { entry: EntryName, listed: bool },
+    /// A public key entry that is not the public half of its name's private key.
+    PublicMismatch { entry: EntryName, key: String },
+    /// A private key entry named after a key that KPS lists with another public key.
+    ListedMismatch { entry: EntryName, key: String },
     /// Two entries for one key (or two entries with the very same name).
     Duplicate {
         key: Option<String>,
@@ -173,24 +204,27 @@ pub enum Problem {
         second: EntryName,
     },
     /// An encrypted entry.
-    Encrypted { entry: EntryName, key: String },
+    Encrypted {
+        entry: EntryName,
+        key: Option<String>,
+    },
     /// A compression method other than stored or deflate.
     UnsupportedCompression {
         entry: EntryName,
-        key: String,
+        key: Option<String>,
         method: String,
     },
     /// An entry larger than `max_entry_bytes`, by its header (`declared`) or once inflated.
     EntryTooLarge {
         entry: EntryName,
-        key: String,
+        key: Option<String>,
         declared: bool,
         limit: u64,
     },
     /// All entries together larger than `max_total_bytes`.
     TotalTooLarge {
         entry: EntryName,
-        key: String,
+        key: Option<String>,
         declared: bool,
         limit: u64,
     },
@@ -256,9 +290,30 @@ impl fmt::Display for Problem {
                 "entry {entry}{} is not a regular file (unix mode {mode:o})",
                 ForKey(key)
             ),
-            Problem::Unmatched { entry } => {
-                write!(f, "entry {entry} matches none of the requested keys")
-            }
+            Problem::Unmatched {
+                entry,
+                listed: true,
+            } => write!(
+                f,
+                "entry {entry} holds a private key that matches none of the requested keys, by \
+                 name or by public key in the KPS listing"
+            ),
+            Problem::Unmatched {
+                entry,
+                listed: false,
+            } => write!(
+                f,
+                "entry {entry} holds a private key whose name matches none of the requested keys \
+                 (and there is no KPS listing to match it by public key)"
+            ),
+            Problem::PublicMismatch { entry, key } => write!(
+                f,
+                "public key entry {entry} is not the public half of the private key for {key}"
+            ),
+            Problem::ListedMismatch { entry, key } => write!(
+                f,
+                "entry {entry} holds a private key other than the one KPS lists for {key}"
+            ),
             Problem::Duplicate { key, first, second } if first == second => {
                 write!(f, "two entries are named {first}{}", ForKey(key))
             }
@@ -268,11 +323,12 @@ impl fmt::Display for Problem {
                 ForKey(key)
             ),
             Problem::Encrypted { entry, key } => {
-                write!(f, "entry {entry} (key {key}) is encrypted")
+                write!(f, "entry {entry}{} is encrypted", ForKey(key))
             }
             Problem::UnsupportedCompression { entry, key, method } => write!(
                 f,
-                "entry {entry} (key {key}) uses compression {method} (only stored and deflate are read)"
+                "entry {entry}{} uses compression {method} (only stored and deflate are read)",
+                ForKey(key)
             ),
             Problem::EntryTooLarge {
                 entry,
@@ -281,7 +337,8 @@ impl fmt::Display for Problem {
                 limit,
             } => write!(
                 f,
-                "entry {entry} (key {key}) {} over the limit of {limit} bytes",
+                "entry {entry}{} {} over the limit of {limit} bytes",
+                ForKey(key),
                 if *declared {
                     "declares a size"
                 } else {
@@ -295,7 +352,8 @@ impl fmt::Display for Problem {
                 limit,
             } => write!(
                 f,
-                "at entry {entry} (key {key}) the entries {} over the total limit of {limit} bytes",
+                "at entry {entry}{} the entries {} over the total limit of {limit} bytes",
+                ForKey(key),
                 if *declared {
                     "declare sizes"
                 } else {
@@ -350,160 +408,195 @@ impl fmt::Display for ArchiveError {
 
 impl std::error::Error for ArchiveError {}
 
-/// Unpack the batch-export `zip` for the `requested` key names within `limits`.
+/// Unpack the batch-export `zip` for the `requested` key names within `limits`; `listing`
+/// matches private keys whose entry names say nothing, and checks the named ones.
 ///
-/// A requested name with no entry goes to `missing`; every other surprise fails the whole
-/// archive.
-pub fn unpack(zip: &[u8], requested: &[String], limits: &Limits) -> Result<Unpacked, ArchiveError> {
+/// A requested name without a usable key is a gap; every other surprise, and every limit,
+/// refuses the whole archive.
+pub fn unpack(
+    zip: &[u8],
+    requested: &[String],
+    listing: Option<&Listing>,
+    limits: &Limits,
+) -> Result<Unpacked, ArchiveError> {
     let fail = |problem| ArchiveError {
         keys: KeyList(requested.to_vec()),
         problem,
     };
     let wanted: BTreeSet<&str> = requested.iter().map(String::as_str).collect();
+    let mut archive = open(zip, limits, &wanted).map_err(fail)?;
+    let planned = check_headers(&mut archive, limits, &wanted).map_err(fail)?;
+    let inflated = inflate(&mut archive, planned, limits).map_err(fail)?;
+    let sorted = sort(inflated).map_err(fail)?;
+    explain(sorted, requested, listing).map_err(fail)
+}
 
+/// Check the envelope (size, signature, end record, entry count, same-name entries) and open
+/// the archive.
+fn open<'z>(
+    zip: &'z [u8],
+    limits: &Limits,
+    wanted: &BTreeSet<&str>,
+) -> Result<ZipArchive<Cursor<&'z [u8]>>, Problem> {
     if zip.len() > limits.max_zip_bytes {
-        return Err(fail(Problem::ZipTooLarge {
+        return Err(Problem::ZipTooLarge {
             size: zip.len(),
             limit: limits.max_zip_bytes,
-        }));
+        });
     }
     // An archive with no entries at all is only its end record; every name is then missing.
     if !zip.starts_with(ZIP_MAGIC) && !zip.starts_with(EOCD_SIGNATURE) {
-        return Err(fail(Problem::NotAZip));
+        return Err(Problem::NotAZip);
     }
     // Before the zip crate sizes anything by the entry count, and because it silently keeps
     // only the last of two entries with the same name.
-    let count = precheck_central_directory(zip, limits.max_entries, &wanted).map_err(fail)?;
-
-    let mut archive = ZipArchive::new(Cursor::new(zip)).map_err(|e| {
-        fail(Problem::Corrupt {
-            entry: None,
-            detail: e.to_string(),
-        })
+    let count = precheck_central_directory(zip, limits.max_entries, wanted)?;
+    let archive = ZipArchive::new(Cursor::new(zip)).map_err(|e| Problem::Corrupt {
+        entry: None,
+        detail: e.to_string(),
     })?;
     if archive.len() != count {
-        return Err(fail(Problem::Corrupt {
+        return Err(Problem::Corrupt {
             entry: None,
             detail: format!(
                 "the central directory lists {count} entries but {} could be read",
                 archive.len()
             ),
-        }));
+        });
     }
+    Ok(archive)
+}
 
-    // Pass 1: headers only. A hostile archive is refused before anything is inflated.
-    let mut plan: Vec<(usize, String, EntryName, u64)> = Vec::new();
-    let mut seen: BTreeMap<String, EntryName> = BTreeMap::new();
+/// An entry that passed the header checks, to be inflated.
+struct Planned {
+    index: usize,
+    entry: EntryName,
+    /// The requested key its name stands for, if any.
+    key: Option<String>,
+    declared: u64,
+}
+
+/// Pass 1: headers only. A hostile archive is refused before anything is inflated.
+fn check_headers(
+    archive: &mut ZipArchive<Cursor<&[u8]>>,
+    limits: &Limits,
+    wanted: &BTreeSet<&str>,
+) -> Result<Vec<Planned>, Problem> {
+    let mut planned = Vec::new();
     let mut declared_total: u64 = 0;
     for index in 0..archive.len() {
         let listed = archive
             .name_for_index(index)
             .map(|n| EntryName(n.to_owned()));
-        let file = archive.by_index_raw(index).map_err(|e| {
-            fail(Problem::Corrupt {
-                entry: listed,
-                detail: e.to_string(),
-            })
+        let file = archive.by_index_raw(index).map_err(|e| Problem::Corrupt {
+            entry: listed,
+            detail: e.to_string(),
         })?;
-        let name = file.name().to_owned();
-        let entry = EntryName(name.clone());
-        let key = match_key(&name, &wanted);
-        check_path(&name).map_err(|kind| {
-            fail(match kind {
-                PathProblem::Traversal => Problem::Traversal {
-                    entry: entry.clone(),
-                    key: key.clone(),
-                },
-                PathProblem::Absolute => Problem::AbsolutePath {
-                    entry: entry.clone(),
-                    key: key.clone(),
-                },
-            })
-        })?;
-        let file_type = file.unix_mode().map(|mode| (mode, mode & S_IFMT));
-        if let Some((_, S_IFLNK)) = file_type {
-            return Err(fail(Problem::Symlink { entry, key }));
-        }
-        if name.ends_with('/') || name.ends_with('\\') {
-            // Writers disagree on the mode bits of a folder; its name and emptiness are what
-            // make it one.
-            if file.size() == 0 && file.compressed_size() <= 2 {
-                continue;
-            }
-            return Err(fail(Problem::NotRegularFile {
-                entry,
-                key,
-                mode: file_type.map_or(0, |(mode, _)| mode),
-            }));
-        }
-        if let Some((mode, kind)) = file_type
-            && kind != 0
-            && kind != S_IFREG
-        {
-            return Err(fail(Problem::NotRegularFile { entry, key, mode }));
-        }
-        let Some(key) = key else {
-            return Err(fail(Problem::Unmatched { entry }));
+        let Some(entry) = check_entry(&file, index, limits, wanted)? else {
+            continue;
         };
-        if let Some(first) = seen.get(&key) {
-            return Err(fail(Problem::Duplicate {
-                key: Some(key),
-                first: first.clone(),
-                second: entry,
-            }));
-        }
-        if file.encrypted() {
-            return Err(fail(Problem::Encrypted { entry, key }));
-        }
-        match file.compression() {
-            CompressionMethod::Stored | CompressionMethod::Deflated => {}
-            other => {
-                return Err(fail(Problem::UnsupportedCompression {
-                    entry,
-                    key,
-                    method: format!("{other:?}"),
-                }));
-            }
-        }
-        let declared = file.size();
-        if declared > limits.max_entry_bytes {
-            return Err(fail(Problem::EntryTooLarge {
-                entry,
-                key,
-                declared: true,
-                limit: limits.max_entry_bytes,
-            }));
-        }
-        declared_total = declared_total.saturating_add(declared);
+        declared_total = declared_total.saturating_add(entry.declared);
         if declared_total > limits.max_total_bytes {
-            return Err(fail(Problem::TotalTooLarge {
-                entry,
-                key,
+            return Err(Problem::TotalTooLarge {
+                entry: entry.entry,
+                key: entry.key,
                 declared: true,
                 limit: limits.max_total_bytes,
-            }));
+            });
         }
-        seen.insert(key.clone(), entry.clone());
-        plan.push((index, key, entry, declared));
+        planned.push(entry);
     }
+    Ok(planned)
+}
 
-    // Pass 2: inflate, enforcing the limits on what actually comes out.
-    let mut keys = BTreeMap::new();
+/// The checks on one entry's headers; `None` for an empty folder entry.
+fn check_entry(
+    file: &ZipFile<'_, Cursor<&[u8]>>,
+    index: usize,
+    limits: &Limits,
+    wanted: &BTreeSet<&str>,
+) -> Result<Option<Planned>, Problem> {
+    let name = file.name();
+    let entry = EntryName(name.to_owned());
+    let key = match_key(name, wanted);
+    match check_path(name) {
+        Err(PathProblem::Traversal) => return Err(Problem::Traversal { entry, key }),
+        Err(PathProblem::Absolute) => return Err(Problem::AbsolutePath { entry, key }),
+        Ok(()) => {}
+    }
+    let file_type = file.unix_mode().map(|mode| (mode, mode & S_IFMT));
+    if let Some((_, S_IFLNK)) = file_type {
+        return Err(Problem::Symlink { entry, key });
+    }
+    if name.ends_with('/') || name.ends_with('\\') {
+        // Writers disagree on the mode bits of a folder; its name and emptiness are what
+        // make it one.
+        if file.size() == 0 && file.compressed_size() <= 2 {
+            return Ok(None);
+        }
+        let mode = file_type.map_or(0, |(mode, _)| mode);
+        return Err(Problem::NotRegularFile { entry, key, mode });
+    }
+    if let Some((mode, kind)) = file_type
+        && kind != 0
+        && kind != S_IFREG
+    {
+        return Err(Problem::NotRegularFile { entry, key, mode });
+    }
+    if file.encrypted() {
+        return Err(Problem::Encrypted { entry, key });
+    }
+    match file.compression() {
+        CompressionMethod::Stored | CompressionMethod::Deflated => {}
+        other => {
+            let method = format!("{other:?}");
+            return Err(Problem::UnsupportedCompression { entry, key, method });
+        }
+    }
+    let declared = file.size();
+    if declared > limits.max_entry_bytes {
+        return Err(Problem::EntryTooLarge {
+            entry,
+            key,
+            declared: true,
+            limit: limits.max_entry_bytes,
+        });
+    }
+    Ok(Some(Planned {
+        index,
+        entry,
+        key,
+        declared,
+    }))
+}
+
+/// An entry and its inflated bytes.
+type Inflated = (Planned, Zeroizing<Vec<u8>>);
+
+/// Pass 2: inflate, enforcing the limits on what actually comes out.
+fn inflate(
+    archive: &mut ZipArchive<Cursor<&[u8]>>,
+    planned: Vec<Planned>,
+    limits: &Limits,
+) -> Result<Vec<Inflated>, Problem> {
+    let mut out = Vec::with_capacity(planned.len());
     let mut total: u64 = 0;
-    for (index, key, entry, declared) in plan {
+    for entry in planned {
         let corrupt = |detail: String| Problem::Corrupt {
-            entry: Some(entry.clone()),
+            entry: Some(entry.entry.clone()),
             detail,
         };
         let mut file = archive
-            .by_index(index)
-            .map_err(|e| fail(corrupt(e.to_string())))?;
+            .by_index(entry.index)
+            .map_err(|e| corrupt(e.to_string()))?;
         let room = limits.max_total_bytes.saturating_sub(total);
         let limit = limits.max_entry_bytes.min(room);
-        let (buf, len) = read_bounded(&mut file, limit, declared)
-            .map_err(|e| fail(corrupt(format!("cannot inflate: {e}"))))?;
+        let (mut buf, len) = read_bounded(&mut file, limit, entry.declared)
+            .map_err(|e| corrupt(format!("cannot inflate: {e}")))?;
+        drop(file);
         if len as u64 > limit {
-            return Err(fail(if limit == limits.max_entry_bytes {
+            let (entry, key) = (entry.entry, entry.key);
+            return Err(if limit == limits.max_entry_bytes {
                 Problem::EntryTooLarge {
                     entry,
                     key,
@@ -517,25 +610,167 @@ pub fn unpack(zip: &[u8], requested: &[String], limits: &Limits) -> Result<Unpac
                     declared: false,
                     limit: limits.max_total_bytes,
                 }
-            }));
+            });
         }
-        if len as u64 != declared {
-            return Err(fail(corrupt(format!(
+        if len as u64 != entry.declared {
+            let declared = entry.declared;
+            return Err(corrupt(format!(
                 "it declares {declared} bytes but inflates to {len}"
-            ))));
+            )));
         }
         total += len as u64;
-        keys.insert(key, SecretBytes::new(buf[..len].to_vec()));
+        buf.truncate(len);
+        out.push((entry, buf));
     }
+    Ok(out)
+}
 
-    let missing = requested
+/// The entries sorted by what they hold and the name they bear.
+#[derive(Default)]
+struct Sorted {
+    /// Private keys named after a requested key.
+    named: BTreeMap<String, (EntryName, PrivateKey)>,
+    /// Public keys named after a requested key.
+    public: BTreeMap<String, (EntryName, PublicKey)>,
+    /// Private keys whose name says nothing.
+    strays: Vec<(EntryName, PrivateKey)>,
+    /// Requested names whose entry is no key.
+    not_keys: BTreeSet<String>,
+}
+
+/// Read each entry's content with the keys module and file it.
+fn sort(inflated: Vec<Inflated>) -> Result<Sorted, Problem> {
+    let mut sorted = Sorted::default();
+    for (planned, bytes) in inflated {
+        let Planned { entry, key, .. } = planned;
+        let private = match PrivateKey::parse(&bytes) {
+            Ok(private) => private,
+            Err(why) => {
+                let public = std::str::from_utf8(&bytes)
+                    .ok()
+                    .and_then(|text| PublicKey::parse(text).ok());
+                match (public, key) {
+                    (Some(public), Some(key)) => {
+                        if let Some((first, _)) = sorted.public.get(&key) {
+                            let first = first.clone();
+                            return Err(duplicate(key, first, entry));
+                        }
+                        sorted.public.insert(key, (entry, public));
+                    }
+                    (Some(_), None) => {
+                        tracing::debug!(%entry, "zip entry ignored: a public key named after no requested key");
+                    }
+                    (None, key) => {
+                        tracing::debug!(%entry, "zip entry ignored: {why}");
+                        sorted.not_keys.extend(key);
+                    }
+                }
+                continue;
+            }
+        };
+        match key {
+            Some(key) => {
+                if let Some((first, _)) = sorted.named.get(&key) {
+                    let first = first.clone();
+                    return Err(duplicate(key, first, entry));
+                }
+                sorted.named.insert(key, (entry, private));
+            }
+            None => sorted.strays.push((entry, private)),
+        }
+    }
+    Ok(sorted)
+}
+
+fn duplicate(key: String, first: EntryName, second: EntryName) -> Problem {
+    Problem::Duplicate {
+        key: Some(key),
+        first,
+        second,
+    }
+}
+
+/// Match the strays by public key, check every key against its `.pub` entry and the listing,
+/// and say what is missing.
+fn explain(
+    sorted: Sorted,
+    requested: &[String],
+    listing: Option<&Listing>,
+) -> Result<Unpacked, Problem> {
+    let Sorted {
+        mut named,
+        public,
+        strays,
+        not_keys,
+    } = sorted;
+    for (entry, private) in strays {
+        let key = match listing {
+            Some(listing) => listed_owner(&private, requested, listing),
+            None => None,
+        };
+        let Some(key) = key else {
+            let listed = listing.is_some();
+            return Err(Problem::Unmatched { entry, listed });
+        };
+        if let Some((first, _)) = named.get(&key) {
+            let first = first.clone();
+            return Err(duplicate(key, first, entry));
+        }
+        tracing::debug!(%entry, key = %key, "zip entry matched by its public key in the listing");
+        named.insert(key, (entry, private));
+    }
+    for (key, (entry, public)) in public {
+        if named.get(&key).is_some_and(|(_, p)| p.public() != &public) {
+            return Err(Problem::PublicMismatch { entry, key });
+        }
+    }
+    if let Some(listing) = listing {
+        for (key, (entry, private)) in &named {
+            if let Some(info) = listing.get(key)
+                && verify(private, info).is_err()
+            {
+                let (entry, key) = (entry.clone(), key.clone());
+                return Err(Problem::ListedMismatch { entry, key });
+            }
+        }
+    }
+    let mut keys = BTreeMap::new();
+    for (key, (_, private)) in named {
+        keys.insert(key, private);
+    }
+    let gaps = requested
         .iter()
         .filter(|name| !keys.contains_key(name.as_str()))
-        .cloned()
         .collect::<BTreeSet<_>>()
         .into_iter()
+        .map(|name| {
+            let gap = if not_keys.contains(name) {
+                Gap::NotAKey
+            } else {
+                Gap::Missing
+            };
+            (name.clone(), gap)
+        })
         .collect();
-    Ok(Unpacked { keys, missing })
+    Ok(Unpacked { keys, gaps })
+}
+
+fn verify(private: &PrivateKey, info: &KeypairInfo) -> Result<Verified, crate::keys::KeyError> {
+    private.verify_listed(info.public_key.as_deref(), info.fingerprint.as_deref())
+}
+
+/// The one requested name the listing shows with this key's public key or fingerprint.
+fn listed_owner(private: &PrivateKey, requested: &[String], listing: &Listing) -> Option<String> {
+    let mut owners = requested.iter().filter(|name| {
+        listing.get(name.as_str()).is_some_and(|info| {
+            matches!(
+                verify(private, info),
+                Ok(Verified::PublicKey | Verified::Fingerprint)
+            )
+        })
+    });
+    let owner = owners.next()?;
+    owners.next().is_none().then(|| owner.clone())
 }
 
 /// Read at most `limit + 1` bytes into a zeroizing buffer; returns it and how much was read.
@@ -595,9 +830,13 @@ fn check_path(name: &str) -> Result<(), PathProblem> {
 }
 
 /// The requested key an entry name stands for: its base name, or the base name without its
-/// extension.
+/// extension (`.pub` counts as one more: `demo2.pem.pub` is `demo2`'s too).
 fn match_key(name: &str, wanted: &BTreeSet<&str>) -> Option<String> {
     let base = name.rsplit(['/', '\\']).next().unwrap_or(name);
+    let base = match base.strip_suffix(".pub") {
+        Some(stem) if !stem.is_empty() && !wanted.contains(base) => stem,
+        _ => base,
+    };
     if wanted.contains(base) {
         return Some(base.to_owned());
     }
@@ -699,11 +938,22 @@ mod tests {
         list.iter().map(|s| s.to_string()).collect()
     }
 
-    fn key(bytes: &[u8]) -> Vec<u8> {
-        let mut out = b"-----BEGIN OPENSSH PRIVATE KEY-----\n".to_vec();
-        out.extend_from_slice(bytes);
-        out.extend_from_slice(b"\n-----END OPENSSH PRIVATE KEY-----\n");
-        out
+    /// A real Ed25519 key in OpenSSH format, one per `id`.
+    fn key(id: &[u8]) -> Vec<u8> {
+        crate::keys::test_key(id).into_bytes()
+    }
+
+    /// The public key line of [`key`]`(id)`.
+    fn public(id: &[u8]) -> String {
+        PrivateKey::parse(&key(id)).unwrap().public_openssh()
+    }
+
+    fn text(got: &Unpacked, name: &str) -> Vec<u8> {
+        got.keys[name].normalised().expose().to_vec()
+    }
+
+    fn missing(got: &Unpacked) -> Vec<String> {
+        got.gaps.iter().map(|(n, _)| n.clone()).collect()
     }
 
     /// A zip written by the zip crate itself, as a well-behaved server would.
@@ -817,7 +1067,7 @@ mod tests {
     }
 
     fn problem(zip: &[u8], requested: &[&str]) -> Problem {
-        unpack(zip, &names(requested), &Limits::default())
+        unpack(zip, &names(requested), None, &Limits::default())
             .expect_err("the archive must be refused")
             .problem
     }
@@ -843,11 +1093,11 @@ mod tests {
         for layout in layouts {
             for method in [CompressionMethod::Stored, CompressionMethod::Deflated] {
                 let zip = zip_of(&layout, method);
-                let got = unpack(&zip, &names(&["a", "b"]), &Limits::default()).unwrap();
+                let got = unpack(&zip, &names(&["a", "b"]), None, &Limits::default()).unwrap();
                 assert_eq!(got.keys.len(), 2, "{layout:?}");
-                assert_eq!(got.keys["a"].expose(), &a[..]);
-                assert_eq!(got.keys["b"].expose(), &b[..]);
-                assert!(got.missing.is_empty());
+                assert_eq!(text(&got, "a"), a);
+                assert_eq!(text(&got, "b"), b);
+                assert!(got.gaps.is_empty());
             }
         }
     }
@@ -855,25 +1105,31 @@ mod tests {
     #[test]
     fn hand_written_stored_and_deflated_entries_are_read() {
         let zip = build(&[stored("a.pem", &key(b"a")), deflated("b.pem", &key(b"b"))]);
-        let got = unpack(&zip, &names(&["a", "b"]), &Limits::default()).unwrap();
-        assert_eq!(got.keys["a"].expose(), &key(b"a")[..]);
-        assert_eq!(got.keys["b"].expose(), &key(b"b")[..]);
+        let got = unpack(&zip, &names(&["a", "b"]), None, &Limits::default()).unwrap();
+        assert_eq!(text(&got, "a"), key(b"a"));
+        assert_eq!(text(&got, "b"), key(b"b"));
     }
 
     #[test]
     fn requested_names_without_an_entry_are_missing_not_errors() {
         let zip = zip_of(&[("b.pem", &key(b"b"))], CompressionMethod::Deflated);
-        let got = unpack(&zip, &names(&["c", "a", "b", "a"]), &Limits::default()).unwrap();
+        let got = unpack(
+            &zip,
+            &names(&["c", "a", "b", "a"]),
+            None,
+            &Limits::default(),
+        )
+        .unwrap();
         assert_eq!(got.keys.keys().collect::<Vec<_>>(), ["b"]);
-        assert_eq!(got.missing, names(&["a", "c"]));
+        assert_eq!(missing(&got), names(&["a", "c"]));
     }
 
     #[test]
     fn an_empty_archive_leaves_every_name_missing() {
         let zip = zip_of(&[], CompressionMethod::Stored);
-        let got = unpack(&zip, &names(&["a"]), &Limits::default()).unwrap();
+        let got = unpack(&zip, &names(&["a"]), None, &Limits::default()).unwrap();
         assert!(got.keys.is_empty());
-        assert_eq!(got.missing, names(&["a"]));
+        assert_eq!(missing(&got), names(&["a"]));
     }
 
     #[test]
@@ -884,7 +1140,7 @@ mod tests {
             b"",
             b"PK",
         ] {
-            let err = unpack(body, &names(&["a"]), &Limits::default()).unwrap_err();
+            let err = unpack(body, &names(&["a"]), None, &Limits::default()).unwrap_err();
             assert_eq!(err.problem, Problem::NotAZip);
             assert!(err.is_transient());
             let shown = err.to_string();
@@ -900,7 +1156,7 @@ mod tests {
             max_zip_bytes: zip.len() - 1,
             ..Limits::default()
         };
-        let err = unpack(&zip, &names(&["a"]), &limits).unwrap_err();
+        let err = unpack(&zip, &names(&["a"]), None, &limits).unwrap_err();
         assert!(matches!(err.problem, Problem::ZipTooLarge { .. }));
     }
 
@@ -912,7 +1168,7 @@ mod tests {
             assert!(matches!(got, Problem::Traversal { .. }), "{name}: {got:?}");
         }
         let zip = build(&[stored("../a.pem", b"a")]);
-        let err = unpack(&zip, &names(&["a", "b"]), &Limits::default()).unwrap_err();
+        let err = unpack(&zip, &names(&["a", "b"]), None, &Limits::default()).unwrap_err();
         assert_eq!(
             err.to_string(),
             "refusing the archive from KPS for keys a, b: entry '../a.pem' (key a) escapes its \
@@ -978,10 +1234,10 @@ mod tests {
         let dos = Raw {
             system: 0,
             external: 0x20, // archive bit
-            ..stored("a.pem", b"a")
+            ..stored("a.pem", &key(b"a"))
         };
-        let got = unpack(&build(&[dos]), &names(&["a"]), &Limits::default()).unwrap();
-        assert_eq!(got.keys["a"].expose(), b"a");
+        let got = unpack(&build(&[dos]), &names(&["a"]), None, &Limits::default()).unwrap();
+        assert_eq!(text(&got, "a"), key(b"a"));
     }
 
     #[test]
@@ -994,26 +1250,172 @@ mod tests {
             problem(&build(&[raw]), &["a"]),
             Problem::Encrypted {
                 entry: entry("a.pem"),
-                key: "a".into()
+                key: Some("a".into())
             }
         );
     }
 
+    fn listing(entries: &[(&str, Option<String>, Option<String>)]) -> Listing {
+        entries
+            .iter()
+            .map(|(name, public_key, fingerprint)| {
+                let info = KeypairInfo {
+                    name: name.to_string(),
+                    public_key: public_key.clone(),
+                    fingerprint: fingerprint.clone(),
+                    is_key_protection: true,
+                    frozen_state: None,
+                };
+                (name.to_string(), info)
+            })
+            .collect()
+    }
+
     #[test]
-    fn unmatched_entries_are_refused() {
+    fn unmatched_private_keys_are_refused_without_a_listing() {
         for name in ["c.pem", "README", "a.pem.bak", "A.pem", ".pem"] {
-            let zip = build(&[stored("b.pem", b"b"), stored(name, b"x")]);
+            let zip = build(&[stored("b.pem", &key(b"b")), stored(name, &key(b"x"))]);
             assert_eq!(
                 problem(&zip, &["a", "b"]),
-                Problem::Unmatched { entry: entry(name) },
+                Problem::Unmatched {
+                    entry: entry(name),
+                    listed: false
+                },
                 "{name}"
             );
         }
     }
 
     #[test]
+    fn entries_that_are_not_keys_are_ignored() {
+        let zip = build(&[
+            stored("README.txt", b"These are your key pairs.\r\n"),
+            stored("manifest.json", br#"{"keypairs":["a","b"]}"#),
+            stored("a.pem", &key(b"a")),
+            stored("b.txt", b"<html>502</html>"),
+            stored("keypairs/", b""),
+        ]);
+        let got = unpack(&zip, &names(&["a", "b"]), None, &Limits::default()).unwrap();
+        assert_eq!(text(&got, "a"), key(b"a"));
+        // b's entry is no key: b is fetched on its own, as not-a-key.
+        assert_eq!(got.gaps, vec![("b".to_string(), Gap::NotAKey)]);
+    }
+
+    #[test]
+    fn pub_entries_check_their_key_and_are_never_keys() {
+        let zip = build(&[
+            stored("a.pem", &key(b"a")),
+            stored("a.pub", public(b"a").as_bytes()),
+            stored("b.pem.pub", format!("{} b@kps\n", public(b"b")).as_bytes()),
+            stored("b.pem", &key(b"b")),
+            stored("other.pub", public(b"x").as_bytes()),
+        ]);
+        let got = unpack(&zip, &names(&["a", "b", "c"]), None, &Limits::default()).unwrap();
+        assert_eq!(text(&got, "a"), key(b"a"));
+        assert_eq!(text(&got, "b"), key(b"b"));
+        assert_eq!(got.gaps, vec![("c".to_string(), Gap::Missing)]);
+
+        // Only a .pub entry: the public half is never written.
+        let zip = build(&[stored("a.pub", public(b"a").as_bytes())]);
+        let got = unpack(&zip, &names(&["a"]), None, &Limits::default()).unwrap();
+        assert!(got.keys.is_empty());
+        assert_eq!(got.gaps, vec![("a".to_string(), Gap::Missing)]);
+
+        // A .pub entry for another key: the zip cannot be explained.
+        let zip = build(&[
+            stored("a.pem", &key(b"a")),
+            stored("a.pub", public(b"b").as_bytes()),
+        ]);
+        assert_eq!(
+            problem(&zip, &["a"]),
+            Problem::PublicMismatch {
+                entry: entry("a.pub"),
+                key: "a".into()
+            }
+        );
+    }
+
+    #[test]
+    fn opaque_names_are_matched_by_public_key_in_the_listing() {
+        let zip = build(&[
+            stored("key-0001.pem", &key(b"b")),
+            stored("README", b"exported keys"),
+            stored("key-0002.pem", &key(b"a")),
+        ]);
+        let md5 = PrivateKey::parse(&key(b"b")).unwrap().fingerprint_md5();
+        let listed = listing(&[
+            ("a", Some(format!("{} a comment", public(b"a"))), None),
+            ("b", None, Some(md5)),
+            ("c", Some(public(b"c")), None),
+        ]);
+        let got = unpack(
+            &zip,
+            &names(&["a", "b", "c"]),
+            Some(&listed),
+            &Limits::default(),
+        )
+        .unwrap();
+        assert_eq!(text(&got, "a"), key(b"a"));
+        assert_eq!(text(&got, "b"), key(b"b"));
+        assert_eq!(got.gaps, vec![("c".to_string(), Gap::Missing)]);
+
+        // A key the listing shows for none of the requested names.
+        let zip = build(&[stored("key-0001.pem", &key(b"z"))]);
+        let err = unpack(&zip, &names(&["a"]), Some(&listed), &Limits::default()).unwrap_err();
+        assert_eq!(
+            err.problem,
+            Problem::Unmatched {
+                entry: entry("key-0001.pem"),
+                listed: true
+            }
+        );
+        // Matched by the listing to a name that also has a named entry.
+        let zip = build(&[
+            stored("a.pem", &key(b"a")),
+            stored("key-0001.pem", &key(b"a")),
+        ]);
+        let got = problem_with(&zip, &["a"], &listed);
+        assert!(matches!(got, Problem::Duplicate { .. }), "{got:?}");
+    }
+
+    #[test]
+    fn a_named_key_other_than_the_listed_one_refuses_the_zip() {
+        let listed = listing(&[("a", Some(public(b"a")), None)]);
+        let zip = build(&[stored("a.pem", &key(b"b"))]);
+        assert_eq!(
+            problem_with(&zip, &["a"], &listed),
+            Problem::ListedMismatch {
+                entry: entry("a.pem"),
+                key: "a".into()
+            }
+        );
+    }
+
+    #[test]
+    fn crlf_and_bom_entries_are_normalised() {
+        let crlf = String::from_utf8(key(b"a")).unwrap().replace('\n', "\r\n");
+        let bom = format!("\u{feff}{}", String::from_utf8(key(b"b")).unwrap());
+        let zip = build(&[
+            stored("a.pem", crlf.as_bytes()),
+            stored("b.pem", bom.as_bytes()),
+        ]);
+        let got = unpack(&zip, &names(&["a", "b"]), None, &Limits::default()).unwrap();
+        assert_eq!(text(&got, "a"), key(b"a"));
+        assert_eq!(text(&got, "b"), key(b"b"));
+    }
+
+    fn problem_with(zip: &[u8], requested: &[&str], listed: &Listing) -> Problem {
+        unpack(zip, &names(requested), Some(listed), &Limits::default())
+            .unwrap_err()
+            .problem
+    }
+
+    #[test]
     fn two_entries_for_one_key_are_refused() {
-        let zip = build(&[stored("a.pem", b"1"), stored("keypairs/a.txt", b"2")]);
+        let zip = build(&[
+            stored("a.pem", &key(b"1")),
+            stored("keypairs/a.txt", &key(b"2")),
+        ]);
         assert_eq!(
             problem(&zip, &["a"]),
             Problem::Duplicate {
@@ -1028,7 +1430,7 @@ mod tests {
     fn two_entries_with_the_very_same_name_are_refused() {
         // The zip crate would silently keep only the second one.
         let zip = build(&[stored("a.pem", b"1"), stored("a.pem", b"2")]);
-        let err = unpack(&zip, &names(&["a"]), &Limits::default()).unwrap_err();
+        let err = unpack(&zip, &names(&["a"]), None, &Limits::default()).unwrap_err();
         assert_eq!(
             err.problem,
             Problem::Duplicate {
@@ -1064,7 +1466,7 @@ mod tests {
         // Directories count too, but up to the limit they are fine.
         let mut ok: Vec<Raw> = (0..31).map(|i| stored(&format!("d{i}/"), b"")).collect();
         ok.push(stored("a.pem", b"a"));
-        assert!(unpack(&build(&ok), &names(&["a"]), &Limits::default()).is_ok());
+        assert!(unpack(&build(&ok), &names(&["a"]), None, &Limits::default()).is_ok());
     }
 
     #[test]
@@ -1082,7 +1484,7 @@ mod tests {
             problem(&build(&[deflated("a.pem", &big)]), &["a"]),
             Problem::EntryTooLarge {
                 entry: entry("a.pem"),
-                key: "a".into(),
+                key: Some("a".into()),
                 declared: true,
                 limit: 64 * 1024
             }
@@ -1092,12 +1494,12 @@ mod tests {
             ..Limits::default()
         };
         let zip = build(&[stored("a.pem", &[1; 60]), stored("b.pem", &[2; 60])]);
-        let err = unpack(&zip, &names(&["a", "b"]), &limits).unwrap_err();
+        let err = unpack(&zip, &names(&["a", "b"]), None, &limits).unwrap_err();
         assert_eq!(
             err.problem,
             Problem::TotalTooLarge {
                 entry: entry("b.pem"),
-                key: "b".into(),
+                key: Some("b".into()),
                 declared: true,
                 limit: 100
             }
@@ -1114,12 +1516,12 @@ mod tests {
             declared: 10,
             ..deflated("a.pem", &[b'x'; 5000])
         };
-        let err = unpack(&build(&[lying]), &names(&["a"]), &limits).unwrap_err();
+        let err = unpack(&build(&[lying]), &names(&["a"]), None, &limits).unwrap_err();
         assert_eq!(
             err.problem,
             Problem::EntryTooLarge {
                 entry: entry("a.pem"),
-                key: "a".into(),
+                key: Some("a".into()),
                 declared: false,
                 limit: 1000
             }
@@ -1148,9 +1550,9 @@ mod tests {
             ..deflated("a.pem", &[b'x'; 800])
         };
         let zip = build(&[stored("b.pem", &[b'y'; 800]), a]);
-        let err = unpack(&zip, &names(&["a", "b"]), &limits).unwrap_err();
+        let err = unpack(&zip, &names(&["a", "b"]), None, &limits).unwrap_err();
         assert!(
-            matches!(err.problem, Problem::TotalTooLarge { declared: false, ref key, .. } if key == "a"),
+            matches!(err.problem, Problem::TotalTooLarge { declared: false, ref key, .. } if key.as_deref() == Some("a")),
             "{:?}",
             err.problem
         );
@@ -1177,13 +1579,13 @@ mod tests {
         let zip = build(&[bomb]);
         assert!(zip.len() < Limits::default().max_zip_bytes);
         let started = Instant::now();
-        let err = unpack(&zip, &names(&["a"]), &Limits::default()).unwrap_err();
+        let err = unpack(&zip, &names(&["a"]), None, &Limits::default()).unwrap_err();
         let took = started.elapsed();
         assert_eq!(
             err.problem,
             Problem::EntryTooLarge {
                 entry: entry("a.pem"),
-                key: "a".into(),
+                key: Some("a".into()),
                 declared: false,
                 limit: 64 * 1024
             }
@@ -1219,6 +1621,7 @@ mod tests {
         let err = unpack(
             &good[..good.len() - 5],
             &names(&["a", "b"]),
+            None,
             &Limits::default(),
         )
         .unwrap_err();
@@ -1226,7 +1629,7 @@ mod tests {
         // A flipped byte in stored data: the checksum catches it.
         let mut flipped = good.clone();
         flipped[30 + 5 + 3] ^= 0xFF;
-        let err = unpack(&flipped, &names(&["a", "b"]), &Limits::default()).unwrap_err();
+        let err = unpack(&flipped, &names(&["a", "b"]), None, &Limits::default()).unwrap_err();
         assert!(
             matches!(err.problem, Problem::Corrupt { entry: Some(ref e), .. } if e.0 == "a.pem"),
             "{:?}",
@@ -1252,7 +1655,7 @@ mod tests {
     #[test]
     fn one_hostile_entry_fails_the_whole_archive() {
         let zip = build(&[stored("a.pem", &key(b"a")), stored("../b.pem", &key(b"b"))]);
-        assert!(unpack(&zip, &names(&["a", "b"]), &Limits::default()).is_err());
+        assert!(unpack(&zip, &names(&["a", "b"]), None, &Limits::default()).is_err());
     }
 
     #[test]
@@ -1260,11 +1663,11 @@ mod tests {
         // A requested name is matched whatever its characters.
         let utf8 = Raw {
             flags: 0x800, // the name is UTF-8
-            ..stored("keypairs/ключ-1.pem", b"k")
+            ..stored("keypairs/ключ-1.pem", &key(b"k"))
         };
         let zip = build(&[utf8]);
-        let got = unpack(&zip, &names(&["ключ-1"]), &Limits::default()).unwrap();
-        assert_eq!(got.keys["ключ-1"].expose(), b"k");
+        let got = unpack(&zip, &names(&["ключ-1"]), None, &Limits::default()).unwrap();
+        assert_eq!(text(&got, "ключ-1"), key(b"k"));
 
         // Names that could forge log lines or drive a terminal are shown escaped.
         for name in [
@@ -1272,9 +1675,15 @@ mod tests {
             "\u{1b}[2Jx.pem",
             "a\u{0}.pem",
         ] {
-            let zip = build(&[stored(name, b"x")]);
-            let err = unpack(&zip, &names(&["a"]), &Limits::default()).unwrap_err();
-            assert_eq!(err.problem, Problem::Unmatched { entry: entry(name) });
+            let zip = build(&[stored(name, &key(b"x"))]);
+            let err = unpack(&zip, &names(&["a"]), None, &Limits::default()).unwrap_err();
+            assert_eq!(
+                err.problem,
+                Problem::Unmatched {
+                    entry: entry(name),
+                    listed: false
+                }
+            );
             let shown = err.to_string();
             assert!(!shown.contains('\n') && !shown.contains('\u{1b}') && !shown.contains('\0'));
             assert!(shown.contains("\\n") || shown.contains("\\u{1b}") || shown.contains("\\0"));
@@ -1283,15 +1692,16 @@ mod tests {
         // Names that are not UTF-8 are shown lossily, still refused.
         let raw = Raw {
             name: vec![0xFF, 0xFE, b'.', b'p'],
-            ..stored("x", b"x")
+            ..stored("x", &key(b"x"))
         };
-        assert!(unpack(&build(&[raw]), &names(&["a"]), &Limits::default()).is_err());
+        assert!(unpack(&build(&[raw]), &names(&["a"]), None, &Limits::default()).is_err());
 
         // A very long name is cut short in messages.
         let long = format!("{}.pem", "z".repeat(5000));
         let err = unpack(
-            &build(&[stored(&long, b"x")]),
+            &build(&[stored(&long, &key(b"x"))]),
             &names(&["a"]),
+            None,
             &Limits::default(),
         )
         .unwrap_err();
@@ -1310,7 +1720,7 @@ mod tests {
             }]),
         ];
         for zip in cases {
-            let err = unpack(&zip, &names(&["a"]), &Limits::default()).unwrap_err();
+            let err = unpack(&zip, &names(&["a"]), None, &Limits::default()).unwrap_err();
             let shown = format!("{err} {err:?}");
             assert!(!shown.contains("c2VjcmV0"), "{shown}");
             assert!(!shown.contains("BEGIN"), "{shown}");
@@ -1319,9 +1729,17 @@ mod tests {
 
     #[test]
     fn unpacked_keys_do_not_show_in_debug() {
-        let zip = build(&[stored("a.pem", &key(b"c2VjcmV0"))]);
-        let got = unpack(&zip, &names(&["a"]), &Limits::default()).unwrap();
+        let secret = key(b"a");
+        let zip = build(&[stored("a.pem", &secret)]);
+        let got = unpack(&zip, &names(&["a"]), None, &Limits::default()).unwrap();
         let shown = format!("{got:?}");
-        assert!(!shown.contains("c2VjcmV0"), "{shown}");
+        let body = String::from_utf8(secret)
+            .unwrap()
+            .lines()
+            .nth(2)
+            .unwrap()
+            .to_string();
+        assert!(!shown.contains(&body[..20]), "{shown}");
+        assert!(!shown.contains("BEGIN"), "{shown}");
     }
 }

@@ -13,7 +13,7 @@ pub mod commands;
 pub mod daemon;
 pub mod encrypt;
 pub mod hooks;
-pub mod keycheck;
+pub mod keys;
 pub mod kps;
 pub mod logging;
 pub mod manifest;

@@ -9,7 +9,7 @@
 //! inside that window makes no KPS call and reads no credential.
 //!
 //! Invariants: a failure on one key never stops the others and never deletes or truncates a good
-//! file; key bytes exist only inside `SecretBytes` between the HTTP body and the atomic writer;
+//! file; key bytes exist only in zeroizing buffers (`SecretBytes`, `keys::PrivateKey`) between the HTTP body and the atomic writer;
 //! the state is saved at least every second while writing and at the end, so a crash loses at
 //! most a second of records (those files are then seen as not ours and kept, never overwritten).
 
@@ -23,15 +23,14 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::kps::export::{self, ExportError};
+use crate::kps::export::{self, ExportError, Fallback, FallbackReason};
 use crate::kps::{Class, KeypairInfo, KpsClient, KpsError, Listing, MAX_BATCH};
 use crate::manifest::{KeySpec, Manifest};
 use crate::observe::{self, Observed, ObservedFiles};
 use crate::plan::{self, Change, Desired, KeyFacts, Plan};
-use crate::secret::SecretBytes;
 use crate::state::{self, ErrorRecord, FileRecord, PassRecord, State, StateError};
 use crate::write::Prior;
-use crate::{encrypt, hooks, keycheck, write};
+use crate::{encrypt, hooks, keys, write};
 
 /// Why one key is not in place after the pass.
 #[derive(Debug, Clone)]
@@ -67,6 +66,8 @@ pub struct PassReport {
     pub interrupted: bool,
     /// The pass had to list KPS and could not; it went on without the listing.
     pub listing_error: Option<String>,
+    /// Names exported one by one because the batch zip could not be used, by reason.
+    pub fallbacks: BTreeMap<FallbackReason, usize>,
 }
 
 impl PassReport {
@@ -245,8 +246,9 @@ fn held_key(path: &Path, sha256: &str) -> Option<String> {
     if observe::sha256_of(&bytes) != sha256 {
         return None;
     }
-    let public = keycheck::openssh_public_key(&bytes)?;
-    crate::kps::public_key_fingerprint(&public)
+    keys::PrivateKey::parse(&bytes)
+        .ok()
+        .map(|key| key.fingerprint_sha256())
 }
 
 /// The plan without a listing: what `status` shows. Touches nothing, calls nothing.
@@ -391,6 +393,7 @@ pub async fn reconcile_once(
     }
 
     let mut interrupted = false;
+    let mut fallbacks = BTreeMap::new();
     if !to_export.is_empty() {
         client.auth().ready().await?;
         // The listing checks exports only where asked (a rotation check may have listed).
@@ -413,6 +416,7 @@ pub async fn reconcile_once(
         )
         .await?;
         interrupted = results.interrupted;
+        fallbacks = results.fallbacks;
         for outcome in results.outcomes {
             if outcome.result.is_ok() {
                 changed.push((specs[outcome.key.as_str()], outcome.change.word()));
@@ -522,6 +526,7 @@ pub async fn reconcile_once(
         hook_failures,
         interrupted,
         listing_error,
+        fallbacks,
     })
 }
 
@@ -561,6 +566,37 @@ fn check_listing(remote: &BTreeMap<String, KeypairInfo>, name: &str) -> Result<(
 struct ExportResults {
     outcomes: Vec<Outcome>,
     interrupted: bool,
+    fallbacks: BTreeMap<FallbackReason, usize>,
+}
+
+type Placed = (
+    Vec<(KeySpec, Result<FileRecord, KeyFailure>)>,
+    Vec<Fallback>,
+);
+
+/// One warning for the whole pass, however many batches fell back: the reasons, how many
+/// names each cost, and the first refusal in full.
+fn warn_fallbacks(all: &[Fallback]) -> BTreeMap<FallbackReason, usize> {
+    let mut counts: BTreeMap<FallbackReason, usize> = BTreeMap::new();
+    for f in all {
+        *counts.entry(f.reason).or_default() += f.names.len();
+    }
+    if let Some(first) = all.first() {
+        let reasons: Vec<String> = counts
+            .iter()
+            .map(|(reason, n)| format!("{reason} ({n} names)"))
+            .collect();
+        let detail = all
+            .iter()
+            .find(|f| !f.detail.is_empty())
+            .map_or(String::new(), |f| format!("; first refusal: {}", f.detail));
+        tracing::warn!(
+            reason = first.reason.as_str(),
+            "keys exported one by one with the single export call because the batch zip could not be used: {}{detail}",
+            reasons.join(", ")
+        );
+    }
+    counts
 }
 
 /// Export in batches of at most 10, `concurrency` in flight; each batch's keys are checked,
@@ -576,7 +612,7 @@ async fn export_and_write(
     state: &mut State,
 ) -> Result<ExportResults, PassError> {
     let semaphore = Arc::new(Semaphore::new(manifest.settings.concurrency.max(1)));
-    let mut tasks: JoinSet<Vec<(KeySpec, Result<FileRecord, KeyFailure>)>> = JoinSet::new();
+    let mut tasks: JoinSet<Placed> = JoinSet::new();
     let mut interrupted = false;
     for chunk in specs.chunks(MAX_BATCH) {
         let chunk: Vec<(KeySpec, Option<String>)> = chunk
@@ -590,19 +626,21 @@ async fn export_and_write(
         tasks.spawn(async move {
             let _permit = semaphore.acquire_owned().await.expect("never closed");
             if options.stopping() {
-                return Vec::new();
+                return Placed::default();
             }
             let names: Vec<String> = chunk.iter().map(|(s, _)| s.name.clone()).collect();
             let exported = tokio::select! {
-                exported = export::export_batch(&client, &names) => exported,
-                () = options.stopped() => return Vec::new(),
+                exported = export::export_batch(&client, &names, remote.as_deref()) => exported,
+                () = options.stopped() => return Placed::default(),
             };
+            let fallbacks = exported.fallbacks;
             let by_name: BTreeMap<String, (KeySpec, Option<String>)> = chunk
                 .into_iter()
                 .map(|(s, seen)| (s.name.clone(), (s, seen)))
                 .collect();
-            tokio::task::spawn_blocking(move || {
+            let placed = tokio::task::spawn_blocking(move || {
                 exported
+                    .keys
                     .into_iter()
                     .map(|(name, result)| {
                         let (spec, seen) = by_name[&name].clone();
@@ -623,14 +661,17 @@ async fn export_and_write(
                     .collect()
             })
             .await
-            .expect("placing keys does not panic")
+            .expect("placing keys does not panic");
+            (placed, fallbacks)
         });
     }
 
     let mut outcomes = Vec::new();
+    let mut fallbacks = Vec::new();
     let mut last_save = Instant::now();
     while let Some(joined) = tasks.join_next().await {
-        let batch = joined.expect("export task does not panic");
+        let (batch, batch_fallbacks) = joined.expect("export task does not panic");
+        fallbacks.extend(batch_fallbacks);
         if batch.is_empty() {
             interrupted = true;
         }
@@ -663,6 +704,7 @@ async fn export_and_write(
     Ok(ExportResults {
         outcomes,
         interrupted,
+        fallbacks: warn_fallbacks(&fallbacks),
     })
 }
 
@@ -670,36 +712,21 @@ fn export_failure(e: &ExportError) -> KeyFailure {
     failure(&e.code(), e.to_string())
 }
 
-/// Check, encrypt where asked, and write one key. Runs on a blocking thread.
+/// Verify against the listing, encrypt where asked, and write one key. Runs on a blocking
+/// thread. What is written is the normalised key (or its age ciphertext).
 fn place(
     spec: &KeySpec,
     seen: Option<&str>,
-    key: SecretBytes,
+    key: keys::PrivateKey,
     remote: Option<&BTreeMap<String, KeypairInfo>>,
 ) -> Result<FileRecord, KeyFailure> {
-    keycheck::check_private_key(key.expose()).map_err(|e| {
-        failure(
-            "not-a-key",
-            format!("what KPS returned for this name is not a usable private key: {e}"),
-        )
-    })?;
-    if let Some(listed) = remote
-        .and_then(|r| r.get(&spec.name))
-        .and_then(|i| i.public_key.as_deref())
-        && let Some(ours) = keycheck::openssh_public_key(key.expose())
-        && !same_public_key(&ours, listed)
-    {
-        return Err(failure(
-            "mismatch",
-            "the exported private key does not match the public key KPS lists for this name; not written. Report it to Huawei Cloud support".into(),
-        ));
-    }
+    verify_listed(&spec.name, &key, remote)?;
     // Kept in the state so a later listing can show a rotation.
-    let fingerprint = keycheck::openssh_public_key(key.expose())
-        .and_then(|p| crate::kps::public_key_fingerprint(&p));
+    let fingerprint = Some(key.fingerprint_sha256());
     let bytes = match &spec.encryption {
-        Some(enc) => encrypt::encrypt(&key, enc).map_err(|e| failure("encrypt", e.to_string()))?,
-        None => key,
+        Some(enc) => encrypt::encrypt(key.normalised(), enc)
+            .map_err(|e| failure("encrypt", e.to_string()))?,
+        None => key.into_normalised(),
     };
     let meta = Desired::from(spec).meta;
     let prior = match seen {
@@ -722,8 +749,21 @@ fn place(
     })
 }
 
-/// Compare `type base64` ignoring comments.
-fn same_public_key(a: &str, b: &str) -> bool {
-    let head = |s: &str| s.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
-    head(a) == head(b)
+/// Where KPS lists a public key or fingerprint for the name, the key must be that one.
+fn verify_listed(
+    name: &str,
+    key: &keys::PrivateKey,
+    remote: Option<&BTreeMap<String, KeypairInfo>>,
+) -> Result<(), KeyFailure> {
+    let Some(info) = remote.and_then(|r| r.get(name)) else {
+        return Ok(());
+    };
+    match key.verify_listed(info.public_key.as_deref(), info.fingerprint.as_deref()) {
+        Ok(keys::Verified::Unreadable) => {
+            tracing::warn!(key = %name, "KPS lists a public key or fingerprint for this name that kps-sync cannot read; the key is written without that check");
+            Ok(())
+        }
+        Ok(_) => Ok(()),
+        Err(e) => Err(failure(e.code(), e.to_string())),
+    }
 }

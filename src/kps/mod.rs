@@ -116,16 +116,9 @@ impl KeypairInfo {
 /// `SHA256:<unpadded base64>` of an OpenSSH public key line's blob (`type base64 [comment]`),
 /// as `ssh-keygen -l` prints it.
 pub fn public_key_fingerprint(line: &str) -> Option<String> {
-    use base64::Engine;
-    use sha2::{Digest, Sha256};
-    let blob = line.split_whitespace().nth(1)?;
-    let blob = base64::engine::general_purpose::STANDARD
-        .decode(blob)
-        .ok()?;
-    Some(format!(
-        "SHA256:{}",
-        base64::engine::general_purpose::STANDARD_NO_PAD.encode(Sha256::digest(&blob))
-    ))
+    crate::keys::public_key_fingerprints(line)
+        .ok()
+        .map(|f| f.sha256)
 }
 
 /// Percent-encode a query value: only `A-Za-z0-9-_.~` stay bare, as the signer expects.
