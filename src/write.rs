@@ -1,21 +1,56 @@
 //! The one atomic writer. Every file kps-sync puts on disk (keys, the state file) goes through
-//! [`write_atomic`]; nothing else in the crate calls `fs::write`.
+//! [`write_atomic`]; `fix-meta` and `prune` go through [`fix_meta`] and [`remove`]; nothing else
+//! in the crate calls `fs::write` or changes a file by path.
+//!
+//! kps-sync usually runs as root, and a key's folder is often owned by someone else (a deploy
+//! user's `~/.ssh`). That user can swap any folder they own for a symlink at any instant, so a
+//! path is resolved only once per operation, by hand, and every change is then made through
+//! descriptors:
 //!
 //! Invariants:
+//! - a destination's folder is reached by walking from `/` one component at a time with
+//!   `O_NOFOLLOW | O_DIRECTORY` (`O_PATH` on the way, so a folder one may only traverse is
+//!   fine). A symlink on the way is followed only if it and the folder holding it are both
+//!   owned by root (systemd's `CHASE_SAFE`); any other symlink stops the operation with an
+//!   error naming it. Nothing an unprivileged user owns can steer the walk out of the tree
+//!   they already own;
+//! - every change (create, `fchown`, `fchmod`, write, `renameat`, `unlinkat`, the folder's
+//!   `fsync`) is made through that folder's descriptor or the file's own, so a swap of a path
+//!   component after the walk cannot redirect it: the change lands in the folder that was
+//!   walked, or fails;
+//! - missing folders are created with `mkdirat`, mode 0700, through the same walk; the
+//!   innermost one gets the file's owner and group, so the owner can reach its key. Folders
+//!   that already exist are never changed;
 //! - the bytes never exist on disk with a mode wider than the declared one: the temporary file
 //!   is created with the final mode (umask can only narrow it), `O_EXCL` and `O_NOFOLLOW`;
 //! - owner and group are set on the descriptor before any byte is written;
-//! - the target is replaced by `rename(2)` after `fsync`, then the folder is synced, so a crash
-//!   leaves either the old file or the new one, never a truncated one;
+//! - the target is replaced by `renameat` after `fsync` (`RENAME_NOREPLACE` when nothing was
+//!   there), then the folder is synced, so a crash leaves either the old file or the new one,
+//!   never a truncated one;
 //! - a destination that is a symlink (or not a regular file) is refused, never followed;
+//!   `fix-meta` and `prune` act only on a regular file with one link that holds exactly the
+//!   bytes kps-sync wrote;
 //! - on any failure the temporary file is removed and the old target is untouched.
+//!
+//! Observing (the planner's stat and hash) may still go by path: what it sees only decides
+//! what to attempt, and every attempt re-checks through the descriptor.
 
-use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};
+use std::collections::VecDeque;
+use std::ffi::{OsStr, OsString};
+use std::fs::{File, Metadata};
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Component, Path, PathBuf};
+
+use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags, RenameFlags};
+use rustix::io::Errno;
 
 use crate::observe::{self, Observed};
+
+/// Linux's own limit on symlinks in one lookup.
+const MAX_SYMLINKS: usize = 40;
 
 /// What the file must look like besides its bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,14 +77,34 @@ pub enum WriteError {
         "{path}: is a symlink; kps-sync never writes through a symlink. Remove the link or point the manifest at the real path"
     )]
     Symlink { path: PathBuf },
+    #[error(
+        "{path}: is a symlink owned by uid {owner} in a folder owned by uid {folder_owner}; kps-sync follows a symlink on the way to a file only when root owns both (like systemd's CHASE_SAFE), so that no other user can steer where it writes. Point the manifest at the real path"
+    )]
+    UnsafeSymlink {
+        path: PathBuf,
+        owner: u32,
+        folder_owner: u32,
+    },
+    #[error(
+        "{path}: more than {MAX_SYMLINKS} symlinks on the way (a loop?); point the manifest at the real path"
+    )]
+    SymlinkLoop { path: PathBuf },
     #[error("{path}: exists and is not a regular file; move it away or change the manifest's path")]
     NotRegular { path: PathBuf },
+    #[error(
+        "{path}: is on the way to a file but is not a folder; move it away or change the manifest's path"
+    )]
+    NotAFolder { path: PathBuf },
     #[error("{path}: has no parent folder; use an absolute file path")]
     NoParent { path: PathBuf },
     #[error(
         "{path}: cannot create the folder: {source}; create it (mode 0700) or fix its parent's permissions"
     )]
     CreateDir { path: PathBuf, source: io::Error },
+    #[error(
+        "{path}: cannot open the folder: {source}; check that it exists and that kps-sync may enter it"
+    )]
+    OpenDir { path: PathBuf, source: io::Error },
     #[error(
         "{path}: cannot create a temporary file in its folder: {source}; check the folder is writable (systemd: ReadWritePaths=)"
     )]
@@ -92,102 +147,412 @@ pub enum Prior<'a> {
     Sha256(&'a str),
 }
 
-/// Write `contents` to `path` atomically with `meta`. Missing parent folders are created 0700.
+/// Write `contents` to `path` atomically with `meta`. Missing parent folders are created 0700,
+/// the innermost with `meta`'s owner and group.
 pub fn write_atomic(
     path: &Path,
     contents: &[u8],
     meta: FileMeta,
     prior: Prior<'_>,
 ) -> Result<(), WriteError> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .ok_or_else(|| WriteError::NoParent {
-            path: path.to_owned(),
-        })?;
-    create_dirs(dir)?;
-    refuse_non_regular(path)?;
-
-    let mode = meta.mode & 0o777;
-    let mut temp = tempfile::Builder::new()
-        .prefix(".kps-sync-")
-        .suffix(".tmp")
-        .make_in(dir, |temp_path| {
-            OpenOptions::new()
-                .write(true)
-                .create_new(true) // O_CREAT | O_EXCL
-                .mode(mode)
-                .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
-                .open(temp_path)
-        })
-        .map_err(|source| WriteError::TempFile {
-            path: path.to_owned(),
-            source,
-        })?;
-
+    let (dir, name) = split(path)?;
+    let folder = match open_folder(dir, Some(meta)) {
+        Ok(folder) => folder,
+        Err(Reach::Failed(e)) => return Err(e),
+        Err(Reach::Missing) => unreachable!("open_folder creates what is missing"),
+    };
     let io_err = |op: &'static str| {
         let path = path.to_owned();
-        move |source| WriteError::Io { path, op, source }
+        move |source: io::Error| WriteError::Io { path, op, source }
     };
-    let file = temp.as_file_mut();
-    chown(file, path, meta)?;
+    match rfs::statat(&folder, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => match FileType::from_raw_mode(st.st_mode) {
+            FileType::RegularFile => {}
+            FileType::Symlink => return Err(WriteError::Symlink { path: path.into() }),
+            _ => return Err(WriteError::NotRegular { path: path.into() }),
+        },
+        Err(Errno::NOENT) => {}
+        Err(e) => return Err(io_err("stat")(e.into())),
+    }
+
+    let mode = meta.mode & 0o777;
+    let mut temp = Temp::create(&folder, mode).map_err(|source| WriteError::TempFile {
+        path: path.to_owned(),
+        source,
+    })?;
+    let file = temp.file.as_mut().expect("open until persisted");
+    chown(&*file, path, meta)?;
     // The umask may have narrowed the mode at creation; set it exactly, still before any byte.
-    file.set_permissions(Permissions::from_mode(mode))
-        .map_err(io_err("chmod"))?;
+    rfs::fchmod(&*file, Mode::from_raw_mode(mode)).map_err(|e| io_err("chmod")(e.into()))?;
     file.write_all(contents).map_err(io_err("write"))?;
     file.sync_all().map_err(io_err("fsync"))?;
+    drop(temp.file.take());
 
-    // A symlink planted between the check above and now is replaced by rename, not followed.
     match prior {
-        Prior::Absent => temp.persist_noclobber(path).map_err(|e| {
-            if e.error.kind() == io::ErrorKind::AlreadyExists {
+        Prior::Absent => temp.persist_noclobber(name).map_err(|e| {
+            if e.kind() == io::ErrorKind::AlreadyExists {
                 WriteError::Changed {
                     path: path.to_owned(),
                 }
             } else {
-                io_err("rename")(e.error)
+                io_err("rename")(e)
             }
         })?,
         Prior::Sha256(_) | Prior::Anything => {
-            still_as_seen(path, prior)?;
-            temp.persist(path).map_err(|e| io_err("rename")(e.error))?
+            still_as_seen(&folder, name, path, prior)?;
+            // A symlink planted since the check above is replaced by the rename, not followed.
+            temp.persist(name).map_err(io_err("rename"))?
         }
     };
-    sync_dir(dir).map_err(io_err("fsync of the folder"))
+    rfs::fsync(&folder).map_err(|e| io_err("fsync of the folder")(e.into()))
 }
 
 /// Is the destination still what the plan saw?
-fn still_as_seen(path: &Path, prior: Prior<'_>) -> Result<(), WriteError> {
+fn still_as_seen(
+    folder: &OwnedFd,
+    name: &OsStr,
+    path: &Path,
+    prior: Prior<'_>,
+) -> Result<(), WriteError> {
     let Prior::Sha256(expected) = prior else {
         return Ok(());
     };
-    match observe::observe(path) {
-        Observed::Missing => Ok(()),
-        Observed::Regular(facts) if facts.sha256 == expected => Ok(()),
-        _ => Err(WriteError::Changed {
-            path: path.to_owned(),
-        }),
+    let changed = || WriteError::Changed {
+        path: path.to_owned(),
+    };
+    match open_regular_at(folder, name) {
+        Err(Observed::Missing) => Ok(()),
+        Ok((mut file, _)) => match observe::hash_open(&mut file) {
+            Ok(sha256) if sha256 == expected => Ok(()),
+            _ => Err(changed()),
+        },
+        Err(_) => Err(changed()),
     }
 }
 
 /// Set mode, owner and group of an existing file without rewriting it (`fix-meta`). Everything
-/// is checked and done through one descriptor: it must be a regular file with one link, holding
-/// exactly the bytes kps-sync wrote (`expected`).
+/// is checked and done through one descriptor, opened in the walked folder: it must be a
+/// regular file with one link, holding exactly the bytes kps-sync wrote (`expected`).
 pub fn fix_meta(path: &Path, meta: FileMeta, expected: &str) -> Result<(), WriteError> {
-    let mut file = open_ours(path, expected)?;
+    let (dir, name) = split(path)?;
+    let folder = match open_folder(dir, None) {
+        Ok(folder) => folder,
+        Err(Reach::Missing) => {
+            return Err(WriteError::Changed {
+                path: path.to_owned(),
+            });
+        }
+        Err(Reach::Failed(e)) => return Err(e),
+    };
+    let file = open_ours(&folder, name, path, expected)?;
     chown(&file, path, meta)?;
-    let file = &mut file;
-    file.set_permissions(Permissions::from_mode(meta.mode & 0o777))
-        .map_err(|source| WriteError::Io {
-            path: path.to_owned(),
-            op: "chmod",
-            source,
+    rfs::fchmod(&file, Mode::from_raw_mode(meta.mode & 0o777)).map_err(|e| WriteError::Io {
+        path: path.to_owned(),
+        op: "chmod",
+        source: e.into(),
+    })
+}
+
+/// Delete a file kps-sync wrote (`prune`), only if it still holds exactly the bytes written.
+/// The check and the `unlinkat` go through one walked folder's descriptor.
+pub fn remove(path: &Path, expected: &str) -> Result<(), WriteError> {
+    let (dir, name) = split(path)?;
+    let folder = match open_folder(dir, None) {
+        Ok(folder) => folder,
+        Err(Reach::Missing) => return Ok(()),
+        Err(Reach::Failed(e)) => return Err(e),
+    };
+    let io_err = |op: &'static str| {
+        let path = path.to_owned();
+        move |e: Errno| WriteError::Io {
+            path,
+            op,
+            source: e.into(),
+        }
+    };
+    match open_ours(&folder, name, path, expected) {
+        Ok(_) => {}
+        Err(WriteError::Changed { .. })
+            if matches!(
+                rfs::statat(&folder, name, AtFlags::SYMLINK_NOFOLLOW),
+                Err(Errno::NOENT)
+            ) =>
+        {
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    }
+    match rfs::unlinkat(&folder, name, AtFlags::empty()) {
+        Ok(()) | Err(Errno::NOENT) => {}
+        Err(e) => return Err(io_err("remove")(e)),
+    }
+    rfs::fsync(&folder).map_err(io_err("fsync of the folder"))
+}
+
+/// Create `dir` and any missing parents with mode 0700, walking as [`write_atomic`] does.
+pub fn create_dirs(dir: &Path) -> Result<(), WriteError> {
+    match open_folder(dir, Some(FileMeta::PRIVATE)) {
+        Ok(_) => Ok(()),
+        Err(Reach::Failed(e)) => Err(e),
+        Err(Reach::Missing) => unreachable!("open_folder creates what is missing"),
+    }
+}
+
+/// The folder and the file name of a destination.
+fn split(path: &Path) -> Result<(&Path, &OsStr), WriteError> {
+    let no_parent = || WriteError::NoParent {
+        path: path.to_owned(),
+    };
+    let Some(Component::Normal(name)) = path.components().next_back() else {
+        return Err(no_parent());
+    };
+    let dir = path
+        .parent()
+        .filter(|d| d.is_absolute())
+        .ok_or_else(no_parent)?;
+    Ok((dir, name))
+}
+
+/// Why a folder could not be reached.
+enum Reach {
+    /// A component does not exist (and was not to be created).
+    Missing,
+    Failed(WriteError),
+}
+
+/// Walk from `/` to `dir` one component at a time and return the folder's descriptor (read
+/// only, so it can be synced). With `create`, missing folders are made 0700 on the way, the
+/// innermost with `create`'s owner and group.
+fn open_folder(dir: &Path, create: Option<FileMeta>) -> Result<OwnedFd, Reach> {
+    let fail = |e: WriteError| Reach::Failed(e);
+    let open_err = |at: &Path, e: Errno| {
+        fail(WriteError::OpenDir {
+            path: at.to_owned(),
+            source: e.into(),
         })
+    };
+    if !dir.is_absolute() {
+        return Err(fail(WriteError::NoParent {
+            path: dir.to_owned(),
+        }));
+    }
+    let step = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let root = rfs::open("/", step, Mode::empty()).map_err(|e| open_err(Path::new("/"), e))?;
+    // The folders walked so far, `/` first, so `..` steps back without a lookup.
+    let mut walked: Vec<OwnedFd> = vec![root];
+    // Where the walk is, for messages.
+    let mut at = PathBuf::from("/");
+    let mut todo: VecDeque<OsString> = names(dir);
+    let mut symlinks = 0;
+    while let Some(name) = todo.pop_front() {
+        if name == ".." {
+            if walked.len() > 1 {
+                walked.pop();
+                at.pop();
+            }
+            continue;
+        }
+        let here = walked.last().expect("never empty");
+        let next = at.join(&name);
+        match rfs::openat(here, &name, step, Mode::empty()) {
+            Ok(fd) => {
+                walked.push(fd);
+                at = next;
+            }
+            Err(Errno::NOENT) => {
+                let Some(meta) = create else {
+                    return Err(Reach::Missing);
+                };
+                let created = match rfs::mkdirat(here, &name, Mode::from_raw_mode(0o700)) {
+                    Ok(()) => true,
+                    Err(Errno::EXIST) => false,
+                    Err(e) => {
+                        return Err(fail(WriteError::CreateDir {
+                            path: next,
+                            source: e.into(),
+                        }));
+                    }
+                };
+                let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+                let fd = rfs::openat(here, &name, flags, Mode::empty())
+                    .map_err(|e| open_err(&next, e))?;
+                if created {
+                    let innermost = todo.is_empty();
+                    set_new_folder(&fd, &next, innermost.then_some(meta)).map_err(fail)?;
+                }
+                walked.push(fd);
+                at = next;
+            }
+            Err(Errno::LOOP | Errno::NOTDIR) => {
+                let found = rfs::statat(here, &name, AtFlags::SYMLINK_NOFOLLOW)
+                    .map_err(|e| open_err(&next, e))?;
+                if FileType::from_raw_mode(found.st_mode) != FileType::Symlink {
+                    return Err(fail(WriteError::NotAFolder { path: next }));
+                }
+                let folder_owner = rfs::fstat(here).map_err(|e| open_err(&at, e))?.st_uid;
+                if found.st_uid != 0 || folder_owner != 0 {
+                    return Err(fail(WriteError::UnsafeSymlink {
+                        path: next,
+                        owner: found.st_uid,
+                        folder_owner,
+                    }));
+                }
+                symlinks += 1;
+                if symlinks > MAX_SYMLINKS {
+                    return Err(fail(WriteError::SymlinkLoop { path: next }));
+                }
+                let target =
+                    rfs::readlinkat(here, &name, Vec::new()).map_err(|e| open_err(&next, e))?;
+                let target = Path::new(OsStr::from_bytes(target.as_bytes()));
+                if target.is_absolute() {
+                    walked.truncate(1);
+                    at = PathBuf::from("/");
+                }
+                for part in names(target).into_iter().rev() {
+                    todo.push_front(part);
+                }
+            }
+            Err(e) => return Err(open_err(&next, e)),
+        }
+    }
+    let last = walked.pop().expect("never empty");
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    rfs::openat(&last, ".", flags, Mode::empty()).map_err(|e| open_err(&at, e))
+}
+
+/// The components of `path` to walk: names and `..`; `/` and `.` dropped.
+fn names(path: &Path) -> VecDeque<OsString> {
+    path.components()
+        .filter_map(|c| match c {
+            Component::Normal(name) => Some(name.to_owned()),
+            Component::ParentDir => Some(OsString::from("..")),
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => None,
+        })
+        .collect()
+}
+
+/// A folder this walk just created: exactly 0700 (the umask may have narrowed it), and the
+/// innermost one owned by the file's owner and group so they can reach their file.
+fn set_new_folder(fd: &OwnedFd, path: &Path, owner: Option<FileMeta>) -> Result<(), WriteError> {
+    rfs::fchmod(fd, Mode::from_raw_mode(0o700)).map_err(|e| WriteError::CreateDir {
+        path: path.to_owned(),
+        source: e.into(),
+    })?;
+    match owner {
+        Some(meta) => chown(fd, path, meta),
+        None => Ok(()),
+    }
+}
+
+/// A temporary file in a walked folder, unlinked (through the folder) unless persisted.
+struct Temp<'a> {
+    folder: &'a OwnedFd,
+    name: OsString,
+    /// Open until the bytes are written and synced.
+    file: Option<File>,
+    persisted: bool,
+}
+
+impl<'a> Temp<'a> {
+    /// `O_CREAT | O_EXCL | O_NOFOLLOW` with the final mode from the first instant.
+    fn create(folder: &'a OwnedFd, mode: u32) -> io::Result<Temp<'a>> {
+        let flags =
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let mut last = Errno::EXIST;
+        for _ in 0..16 {
+            let suffix: String = std::iter::repeat_with(fastrand::alphanumeric)
+                .take(12)
+                .collect();
+            let name = OsString::from(format!(".kps-sync-{suffix}.tmp"));
+            match rfs::openat(folder, &name, flags, Mode::from_raw_mode(mode)) {
+                Ok(fd) => {
+                    return Ok(Temp {
+                        folder,
+                        name,
+                        file: Some(File::from(fd)),
+                        persisted: false,
+                    });
+                }
+                Err(Errno::EXIST) => last = Errno::EXIST,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(last.into())
+    }
+
+    /// Rename over `name`, whatever is there.
+    fn persist(mut self, name: &OsStr) -> io::Result<()> {
+        rfs::renameat(self.folder, &self.name, self.folder, name)?;
+        self.persisted = true;
+        Ok(())
+    }
+
+    /// Rename to `name` only if nothing is there (`AlreadyExists` otherwise).
+    fn persist_noclobber(mut self, name: &OsStr) -> io::Result<()> {
+        match rfs::renameat_with(
+            self.folder,
+            &self.name,
+            self.folder,
+            name,
+            RenameFlags::NOREPLACE,
+        ) {
+            Ok(()) => {}
+            // A file system without RENAME_NOREPLACE: a hard link also refuses to replace.
+            Err(Errno::INVAL | Errno::NOSYS) => {
+                rfs::linkat(self.folder, &self.name, self.folder, name, AtFlags::empty())?;
+                let _ = rfs::unlinkat(self.folder, &self.name, AtFlags::empty());
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.persisted = true;
+        Ok(())
+    }
+}
+
+impl Drop for Temp<'_> {
+    fn drop(&mut self) {
+        if !self.persisted {
+            drop(self.file.take());
+            let _ = rfs::unlinkat(self.folder, &self.name, AtFlags::empty());
+        }
+    }
+}
+
+/// Open `name` in `folder` read-only as a regular file, or say what is there instead, as
+/// [`observe::open_regular`] does for a path.
+fn open_regular_at(folder: &OwnedFd, name: &OsStr) -> Result<(File, Metadata), Observed> {
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    let file = match rfs::openat(folder, name, flags, Mode::empty()) {
+        Ok(fd) => File::from(fd),
+        Err(Errno::NOENT) => return Err(Observed::Missing),
+        Err(Errno::LOOP) => return Err(Observed::Symlink),
+        Err(e) => {
+            return Err(match rfs::statat(folder, name, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Symlink => {
+                    Observed::Symlink
+                }
+                Ok(st) if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile => {
+                    Observed::NotRegular
+                }
+                _ => Observed::Unreadable(io::Error::from(e).to_string()),
+            });
+        }
+    };
+    match file.metadata() {
+        Ok(meta) if meta.file_type().is_file() => Ok((file, meta)),
+        Ok(_) => Err(Observed::NotRegular),
+        Err(e) => Err(Observed::Unreadable(e.to_string())),
+    }
 }
 
 /// Open a file kps-sync wrote, checking through the descriptor that it still is.
-fn open_ours(path: &Path, expected: &str) -> Result<File, WriteError> {
-    let (mut file, meta) = observe::open_regular(path).map_err(|found| match found {
+fn open_ours(
+    folder: &OwnedFd,
+    name: &OsStr,
+    path: &Path,
+    expected: &str,
+) -> Result<File, WriteError> {
+    let (mut file, meta) = open_regular_at(folder, name).map_err(|found| match found {
         Observed::Symlink => WriteError::Symlink {
             path: path.to_owned(),
         },
@@ -213,87 +578,29 @@ fn open_ours(path: &Path, expected: &str) -> Result<File, WriteError> {
     }
 }
 
-/// Delete a file kps-sync wrote (`prune`), only if it still holds exactly the bytes written.
-pub fn remove(path: &Path, expected: &str) -> Result<(), WriteError> {
-    match open_ours(path, expected) {
-        Ok(_) => {}
-        Err(WriteError::Changed { .. }) if !path.exists() => return Ok(()),
-        Err(e) => return Err(e),
-    }
-    match fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(source) => {
-            return Err(WriteError::Io {
-                path: path.to_owned(),
-                op: "remove",
-                source,
-            });
-        }
-    }
-    match path.parent() {
-        Some(dir) => sync_dir(dir).map_err(|source| WriteError::Io {
-            path: path.to_owned(),
-            op: "fsync of the folder",
-            source,
-        }),
-        None => Ok(()),
-    }
-}
-
-/// Create `dir` and any missing parents with mode 0700.
-pub fn create_dirs(dir: &Path) -> Result<(), WriteError> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|source| WriteError::CreateDir {
-            path: dir.to_owned(),
-            source,
-        })
-}
-
 /// Set owner and group on the descriptor, if the manifest names them.
-fn chown(file: &File, path: &Path, meta: FileMeta) -> Result<(), WriteError> {
+fn chown(fd: impl AsFd, path: &Path, meta: FileMeta) -> Result<(), WriteError> {
     if meta.uid.is_none() && meta.gid.is_none() {
         return Ok(());
     }
-    std::os::unix::fs::fchown(file, meta.uid, meta.gid).map_err(|source| WriteError::Chown {
+    rfs::fchown(
+        fd,
+        meta.uid.map(rfs::Uid::from_raw),
+        meta.gid.map(rfs::Gid::from_raw),
+    )
+    .map_err(|e| WriteError::Chown {
         path: path.to_owned(),
         uid: meta.uid,
         gid: meta.gid,
-        source,
+        source: e.into(),
     })
-}
-
-fn refuse_non_regular(path: &Path) -> Result<(), WriteError> {
-    match fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_symlink() => Err(WriteError::Symlink {
-            path: path.to_owned(),
-        }),
-        Ok(m) if !m.file_type().is_file() => Err(WriteError::NotRegular {
-            path: path.to_owned(),
-        }),
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(WriteError::Io {
-            path: path.to_owned(),
-            op: "stat",
-            source,
-        }),
-    }
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::{self, Permissions};
+    use std::os::unix::fs::PermissionsExt;
 
     fn mode_of(path: &Path) -> u32 {
         fs::symlink_metadata(path).unwrap().mode() & 0o7777
@@ -301,6 +608,20 @@ mod tests {
 
     fn sha(bytes: &[u8]) -> String {
         observe::sha256_of(bytes)
+    }
+
+    /// Whether the test can run: root is needed to chown. Under CI (which runs as root) its
+    /// absence is a failure, never a silent skip.
+    fn need_root() -> bool {
+        if nix::unistd::Uid::effective().is_root() {
+            return true;
+        }
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs the tests as root"
+        );
+        eprintln!("skipped: needs root to chown");
+        false
     }
 
     #[test]
@@ -386,8 +707,7 @@ mod tests {
 
     #[test]
     fn sets_owner_and_group_on_the_descriptor() {
-        if !nix::unistd::Uid::effective().is_root() {
-            eprintln!("skipped: needs root to chown");
+        if !need_root() {
             return;
         }
         let tmp = tempfile::tempdir().unwrap();
@@ -441,5 +761,137 @@ mod tests {
         assert!(fix_meta(&fifo, FileMeta::PRIVATE, &sha(b"")).is_err());
         assert!(remove(&fifo, &sha(b"")).is_err());
         assert!(write_atomic(&fifo, b"x", FileMeta::PRIVATE, Prior::Absent).is_err());
+    }
+
+    #[test]
+    fn a_symlink_on_the_way_owned_by_another_user_is_refused() {
+        if !need_root() {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let victim = tmp.path().join("victim");
+        fs::create_dir(&victim).unwrap();
+        let link = tmp.path().join("keys");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        std::os::unix::fs::lchown(&link, Some(4242), Some(4242)).unwrap();
+        let target = link.join("key");
+        let err = write_atomic(&target, b"k", FileMeta::PRIVATE, Prior::Absent).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                WriteError::UnsafeSymlink {
+                    owner: 4242,
+                    folder_owner: 0,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("CHASE_SAFE"), "{err}");
+        assert_eq!(
+            fs::read_dir(&victim).unwrap().count(),
+            0,
+            "nothing written through it"
+        );
+
+        // Root's link in a folder another user owns is refused too: that user can swap it.
+        std::os::unix::fs::lchown(&link, Some(0), Some(0)).unwrap();
+        std::os::unix::fs::chown(tmp.path(), Some(4242), None).unwrap();
+        let err = write_atomic(&target, b"k", FileMeta::PRIVATE, Prior::Absent).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                WriteError::UnsafeSymlink {
+                    owner: 0,
+                    folder_owner: 4242,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        std::os::unix::fs::chown(tmp.path(), Some(0), None).unwrap();
+    }
+
+    #[test]
+    fn a_root_owned_symlink_in_a_root_owned_folder_is_followed() {
+        if !need_root() {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let real = tmp.path().join("real");
+        fs::create_dir(&real).unwrap();
+        std::os::unix::fs::symlink("real/../real", tmp.path().join("keys")).unwrap();
+        let target = tmp.path().join("keys/sub/key");
+        write_atomic(&target, b"k", FileMeta::PRIVATE, Prior::Absent).unwrap();
+        assert_eq!(fs::read(real.join("sub/key")).unwrap(), b"k");
+        fix_meta(
+            &target,
+            FileMeta {
+                mode: 0o400,
+                ..FileMeta::PRIVATE
+            },
+            &sha(b"k"),
+        )
+        .unwrap();
+        assert_eq!(mode_of(&real.join("sub/key")), 0o400);
+        remove(&target, &sha(b"k")).unwrap();
+        assert!(!real.join("sub/key").exists());
+    }
+
+    #[test]
+    fn the_innermost_new_folder_gets_the_owner_the_others_stay_root_0700() {
+        if !need_root() {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("a/b/key");
+        let meta = FileMeta {
+            mode: 0o400,
+            uid: Some(4242),
+            gid: Some(4343),
+        };
+        write_atomic(&target, b"k", meta, Prior::Absent).unwrap();
+        let owner = |p: &Path| {
+            let m = fs::symlink_metadata(p).unwrap();
+            (m.uid(), m.gid(), m.mode() & 0o7777)
+        };
+        assert_eq!(owner(&tmp.path().join("a")), (0, 0, 0o700));
+        assert_eq!(owner(&tmp.path().join("a/b")), (4242, 4343, 0o700));
+        assert_eq!(owner(&target), (4242, 4343, 0o400));
+
+        // An existing folder is left as it is.
+        fs::set_permissions(tmp.path().join("a/b"), Permissions::from_mode(0o750)).unwrap();
+        write_atomic(&target, b"k2", meta, Prior::Sha256(&sha(b"k"))).unwrap();
+        assert_eq!(owner(&tmp.path().join("a/b")), (4242, 4343, 0o750));
+    }
+
+    #[test]
+    fn a_file_on_the_way_is_not_a_folder() {
+        let tmp = tempfile::tempdir().unwrap();
+        fs::write(tmp.path().join("f"), b"x").unwrap();
+        let err = write_atomic(
+            &tmp.path().join("f/key"),
+            b"k",
+            FileMeta::PRIVATE,
+            Prior::Absent,
+        )
+        .unwrap_err();
+        assert!(matches!(err, WriteError::NotAFolder { .. }), "{err}");
+        assert!(matches!(
+            write_atomic(Path::new("key"), b"k", FileMeta::PRIVATE, Prior::Absent),
+            Err(WriteError::NoParent { .. })
+        ));
+    }
+
+    #[test]
+    fn fix_meta_and_remove_of_a_file_whose_folder_is_gone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("gone/key");
+        assert!(matches!(
+            fix_meta(&target, FileMeta::PRIVATE, &sha(b"k")),
+            Err(WriteError::Changed { .. })
+        ));
+        remove(&target, &sha(b"k")).unwrap();
+        assert!(!tmp.path().join("gone").exists(), "remove creates nothing");
     }
 }
