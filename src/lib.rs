@@ -23,5 +23,6 @@ pub mod reconcile;
 pub mod sdnotify;
 pub mod secret;
 pub mod state;
+pub mod trust;
 pub mod watch;
 pub mod write;

@@ -505,15 +505,16 @@ pub async fn reconcile_once(
         }
         let names: Vec<&str> = keys.iter().map(|(k, _)| k.name.as_str()).collect();
         let actions: Vec<&str> = keys.iter().map(|(_, a)| *a).collect();
-        if let Err(e) = hooks::run(
+        let settings = &manifest.settings;
+        let hook = hooks::run(
             &names,
             &actions,
             &keys[0].0.path,
             argv,
-            manifest.settings.hook_timeout,
-        )
-        .await
-        {
+            settings.hook_timeout,
+            &settings.hook_env,
+        );
+        if let Err(e) = hook.await {
             hook_failures.push(e.to_string());
         }
     }

@@ -34,6 +34,13 @@ pub enum ManifestError {
         cause: std::io::Error,
         hint: &'static str,
     },
+    /// The manifest, or a folder above it, could be changed by someone kps-sync does not trust
+    /// (strict modes): it is not read.
+    #[error("{found}")]
+    Untrusted {
+        path: PathBuf,
+        found: crate::trust::Untrusted,
+    },
     /// The file was read but is not a valid manifest. `problems` is never empty and is sorted by
     /// location. YAML syntax, type and unknown-field errors stop parsing, so they come alone;
     /// rule violations found after parsing are all reported together.
@@ -48,14 +55,16 @@ impl ManifestError {
     /// The manifest file the error is about.
     pub fn path(&self) -> &Path {
         match self {
-            ManifestError::Read { path, .. } | ManifestError::Invalid { path, .. } => path,
+            ManifestError::Read { path, .. }
+            | ManifestError::Untrusted { path, .. }
+            | ManifestError::Invalid { path, .. } => path,
         }
     }
 
-    /// The problems found; empty for a read error.
+    /// The problems found; empty for a read error or an untrusted manifest.
     pub fn problems(&self) -> &[Problem] {
         match self {
-            ManifestError::Read { .. } => &[],
+            ManifestError::Read { .. } | ManifestError::Untrusted { .. } => &[],
             ManifestError::Invalid { problems, .. } => problems,
         }
     }

@@ -68,6 +68,7 @@ fn default_path_from(env: Option<OsString>) -> PathBuf {
 /// Read and validate the manifest at `path`.
 pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
     let path = absolute(path);
+    check_trusted(&path)?;
     let text = std::fs::read(&path)
         .and_then(|bytes| {
             String::from_utf8(bytes).map_err(|_| {
@@ -101,8 +102,22 @@ pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
     )
 }
 
+/// Strict modes for the manifest file itself: it and every folder above it must be owned by
+/// root or by the user kps-sync runs as, and not writable by group or other (see `trust`).
+/// [`load`] checks this before reading; a caller that reads the file itself (the daemon) calls
+/// it first.
+pub fn check_trusted(path: &Path) -> Result<(), ManifestError> {
+    crate::trust::check(path, crate::trust::Input::Manifest).map_err(|found| {
+        ManifestError::Untrusted {
+            path: path.to_path_buf(),
+            found,
+        }
+    })
+}
+
 /// Validate manifest text. `path` names it in messages and anchors relative paths; it need not
-/// exist.
+/// exist. The files the text names (state_dir, ca_file, recipients and credential files) are
+/// checked for strict modes; the manifest file itself is not (see [`check_trusted`]).
 pub fn load_str(text: &str, path: &Path) -> Result<Manifest, ManifestError> {
     load_text(
         text,

@@ -96,6 +96,9 @@ pub struct Settings {
     pub metrics_file: Option<PathBuf>,
     /// Serve `/metrics` here, if any (loopback recommended).
     pub metrics_listen: Option<SocketAddr>,
+    /// More variables passed from kps-sync's environment to hooks, besides `hooks::PASSED`;
+    /// never a credential (the loader refuses one).
+    pub hook_env: Vec<String>,
 }
 
 /// One managed key: a KPS key pair name and the file it must be.

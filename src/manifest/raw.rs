@@ -139,6 +139,7 @@ pub(super) struct RawSettings {
     pub max_rps: Option<f64>,
     pub metrics_file: Option<Text>,
     pub metrics_listen: Option<Text>,
+    pub hook_env: Option<Vec<Text>>,
 }
 
 /// An entry of `keys:`: `name: /path` or `name: {path: ..., mode: ...}`.

@@ -18,6 +18,8 @@ use super::raw::{
 };
 use super::regions;
 use super::rules::{HttpRule, check_url, normalize, parse_mode, valid_name, valid_region};
+use crate::trust::Input;
+
 use super::{
     AuthConfig, Encryption, KeySpec, KpsConfig, Manifest, ParsedRecipient, Principal, Recipient,
     Settings, WatchMode, duration,
@@ -708,7 +710,36 @@ impl Checker<'_> {
             PathBuf::from(text)
         };
         // `join` keeps an absolute path as it is.
-        Some(normalize(&self.dir.join(joined)))
+        let resolved = normalize(&self.dir.join(joined));
+        let input = match field {
+            "state_dir" => Some(Input::StateDir),
+            "ca_file" => Some(Input::CaFile),
+            "age_recipients_file" => Some(Input::RecipientsFile),
+            "token_file"
+            | "access_key_file"
+            | "secret_key_file"
+            | "security_token_file"
+            | "password_file" => Some(Input::Credential),
+            _ => None,
+        };
+        match input {
+            Some(input) if !self.trusted(&resolved, input, Some(at)) => None,
+            _ => Some(resolved),
+        }
+    }
+
+    /// Strict modes (see `trust`) for an input the manifest names; a problem per finding.
+    fn trusted(&mut self, file: &Path, input: Input, at: Option<Vec<Seg>>) -> bool {
+        let Err(found) = crate::trust::check(file, input) else {
+            return true;
+        };
+        for finding in found.findings {
+            match &at {
+                Some(at) => self.problem(at.clone(), Target::Value, finding.to_string()),
+                None => self.at_start(finding.to_string()),
+            }
+        }
+        false
     }
 }
 

@@ -7,7 +7,10 @@ impl Checker<'_> {
         let at = |k: &str| path(&["settings", k]);
         let mut ok = true;
         let state_dir = match &s.state_dir {
-            None => Some(PathBuf::from(DEFAULT_STATE_DIR)),
+            None => {
+                let dir = PathBuf::from(DEFAULT_STATE_DIR);
+                self.trusted(&dir, Input::StateDir, None).then_some(dir)
+            }
             Some(d) => self.resolve(d, at("state_dir"), "state_dir"),
         };
         let mut duration =
@@ -123,6 +126,7 @@ impl Checker<'_> {
                 }
             },
         };
+        let hook_env = self.hook_env(s.hook_env.as_deref().unwrap_or_default(), &mut ok);
         let state_dir = state_dir?;
         ok.then_some(Settings {
             state_dir,
@@ -137,6 +141,47 @@ impl Checker<'_> {
             max_rps,
             metrics_file,
             metrics_listen,
+            hook_env,
         })
+    }
+
+    /// `hook_env:`: environment variable names, none of them a credential.
+    fn hook_env(&mut self, names: &[Text], ok: &mut bool) -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let mut at = path(&["settings", "hook_env"]);
+            at.push(Seg::Index(i));
+            let name = name.as_str();
+            let valid = !name.is_empty()
+                && !name.starts_with(|c: char| c.is_ascii_digit())
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                self.problem(
+                    at,
+                    Target::Value,
+                    format!(
+                        "`hook_env` lists `{}`, which is not an environment variable name: \
+                         use letters, digits and `_`, not starting with a digit",
+                        name.escape_debug()
+                    ),
+                );
+                *ok = false;
+            } else if crate::hooks::is_credential(name) {
+                let why = if name.starts_with("KPS_SYNC_") {
+                    "kps-sync sets the `KPS_SYNC_*` variables a hook gets itself"
+                } else {
+                    "it holds or leads to a KPS credential, which a hook never gets"
+                };
+                self.problem(
+                    at,
+                    Target::Value,
+                    format!("`hook_env` lists `{name}`: {why}; remove it from the list"),
+                );
+                *ok = false;
+            } else if !out.iter().any(|n| n == name) {
+                out.push(name.to_owned());
+            }
+        }
+        out
     }
 }
