@@ -45,6 +45,10 @@ pub fn client_for(manifest: &Manifest) -> Result<Arc<KpsClient>, u8> {
         eprintln!("error: {e}");
         EXIT_INVALID
     })?;
+    if let Err(e) = trusted_credentials(&auth) {
+        eprintln!("error: {e}");
+        return Err(EXIT_INVALID);
+    }
     tracing::info!(source = %auth.source(), endpoint = %manifest.kps.endpoint, "using KPS credentials");
     KpsClient::new(
         &manifest.kps,
@@ -57,6 +61,17 @@ pub fn client_for(manifest: &Manifest) -> Result<Arc<KpsClient>, u8> {
         eprintln!("error: {e}");
         EXIT_INVALID
     })
+}
+
+/// Strict modes for the SDK credentials file found through `$HOME` (the files the manifest
+/// names were checked when it loaded).
+pub fn trusted_credentials(auth: &Auth) -> Result<(), crate::trust::Untrusted> {
+    match auth.source() {
+        crate::auth::Source::CredentialsFile(path) => {
+            crate::trust::check(path, crate::trust::Input::Credential)
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Take the state folder's lock, waiting up to [`LOCK_WAIT`], or print why not.
@@ -292,6 +307,10 @@ pub fn validate(manifest_path: &Path) -> u8 {
     println!("endpoint {}", manifest.kps.endpoint);
     println!("auth: {}", auth.source());
     let mut code = EXIT_OK;
+    if let Err(e) = trusted_credentials(&auth) {
+        eprintln!("error: {e}");
+        code = EXIT_INVALID;
+    }
     for problem in auth.check_files() {
         match problem {
             crate::auth::FileCheck::Warning(w) => eprintln!("warning: {w}"),

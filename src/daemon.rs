@@ -401,6 +401,12 @@ impl Daemon {
     /// manifest is now in force. A manifest that does not load is logged with its line and
     /// column, and the last good one stays.
     fn check_manifest(&mut self, force: bool) -> bool {
+        // Strict modes first: a manifest others could have written is not read at all.
+        if let Err(e) = manifest::check_trusted(&self.manifest_path) {
+            tracing::error!("manifest refused, the last good manifest stays in force: {e}");
+            self.manifest_rejected = true;
+            return false;
+        }
         // One read serves both the hash and the load, so what is judged is what was hashed.
         let bytes = match std::fs::read(&self.manifest_path) {
             Ok(b) => b,
@@ -451,6 +457,7 @@ impl Daemon {
         let manifest = manifest::load_str(&text, &self.manifest_path).map_err(|e| e.to_string())?;
         let env = |name: &str| std::env::var(name).ok();
         let auth = Auth::resolve(&manifest.kps, &env).map_err(|e| e.to_string())?;
+        crate::commands::trusted_credentials(&auth).map_err(|e| e.to_string())?;
         let client = KpsClient::new(
             &manifest.kps,
             &manifest.settings,
