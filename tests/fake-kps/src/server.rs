@@ -357,7 +357,7 @@ fn batch_export(s: &mut State, body: &[u8]) -> Response {
         return not_hosted();
     };
     let omit = s.omit_from_zip.as_deref();
-    let zip = crate::zip::batch(&keys, s.layout, s.hostile, omit);
+    let zip = crate::zip::varied_batch(s, &keys, omit);
     let delivered = match s.hostile {
         Some(Hostile::NotZip) => 0,
         Some(Hostile::MissingName) => names.len().saturating_sub(1),
@@ -397,7 +397,7 @@ fn single_export(s: &mut State, body: &[u8]) -> Response {
     s.stats.names_exported += 1;
     json_response(
         StatusCode::OK,
-        json!({"keypair": {"name": name, "private_key": text}}),
+        json!({"keypair": {"name": name, "private_key": s.variations.text(&text)}}),
     )
 }
 
@@ -405,13 +405,14 @@ fn summary(
     name: &str,
     key: &crate::sshkey::KeyPair,
     frozen: bool,
+    variations: &crate::Variations,
 ) -> serde_json::Map<String, Value> {
     let v = json!({
         "name": name,
         "type": "ssh",
         "scope": "user",
-        "public_key": key.public_key_line(),
-        "fingerprint": key.fingerprint(),
+        "public_key": key.listed_public_key(variations),
+        "fingerprint": key.listed_fingerprint(variations),
         "is_key_protection": key.private_key.is_some(),
         "frozen_state": if frozen { "1" } else { "0" },
     });
@@ -463,7 +464,7 @@ fn list(s: &mut State, query: &str) -> Response {
         .and_then(|_| page.first().map(|(n, _)| n.to_string()));
     let keypairs: Vec<Value> = page
         .iter()
-        .map(|(n, k)| json!({ "keypair": summary(n, k, s.frozen.contains(n.as_str())) }))
+        .map(|(n, k)| json!({ "keypair": summary(n, k, s.frozen.contains(n.as_str()), &s.variations) }))
         .collect();
     json_response(
         StatusCode::OK,
@@ -486,7 +487,7 @@ fn detail(s: &mut State, name: &str) -> Response {
         return not_exist();
     };
     let frozen = s.frozen.contains(name);
-    let mut m = summary(name, key, frozen);
+    let mut m = summary(name, key, frozen, &s.variations);
     // The real service is inconsistent: a number here, a string in the listing.
     m.insert("frozen_state".into(), json!(u8::from(frozen)));
     m.insert("user_id".into(), json!("fakeuser0000000000000000000000id"));

@@ -1,5 +1,6 @@
 //! OpenSSH ed25519 key pairs for the fake: generation, the listing's `public_key` and
-//! `fingerprint`, and reading the public blob back out of a private key text.
+//! `fingerprint` (`SHA256:` or MD5 form), and reading the public blob back out of a private key
+//! text. Other key types and formats (ECDSA, RSA, PKCS#1, PKCS#8, SEC1) come from `ssh-keygen`.
 //!
 //! Invariant: the listing's public key is always the public blob embedded in the private key
 //! the fake serves, so a client can check an export against the listing. Keys are real
@@ -9,7 +10,10 @@
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
 use curve25519_dalek::edwards::EdwardsPoint;
+use md5::Md5;
 use sha2::{Digest, Sha256, Sha512};
+
+use crate::{KeyType, Variations};
 
 const MAGIC: &[u8] = b"openssh-key-v1\0";
 const KEY_TYPE: &str = "ssh-ed25519";
@@ -24,9 +28,14 @@ pub(crate) struct KeyPair {
 }
 
 impl KeyPair {
-    /// `ssh-ed25519 <base64 blob>`, as the listing shows it.
+    /// `ssh-ed25519 <base64 blob>` (the type is the one inside the blob), as the listing
+    /// shows it.
     pub fn public_key_line(&self) -> String {
-        format!("{KEY_TYPE} {}", STANDARD.encode(&self.public_blob))
+        let mut blob = &self.public_blob[..];
+        let key_type = take_string(&mut blob)
+            .and_then(|t| std::str::from_utf8(t).ok())
+            .unwrap_or(KEY_TYPE);
+        format!("{key_type} {}", STANDARD.encode(&self.public_blob))
     }
 
     /// `SHA256:<unpadded base64>`, as `ssh-keygen -l` prints it.
@@ -35,6 +44,77 @@ impl KeyPair {
             "SHA256:{}",
             STANDARD_NO_PAD.encode(Sha256::digest(&self.public_blob))
         )
+    }
+
+    /// `aa:bb:...`, as `ssh-keygen -l -E md5` prints it (without its `MD5:` prefix).
+    pub fn fingerprint_md5(&self) -> String {
+        let hex: Vec<String> = Md5::digest(&self.public_blob)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        hex.join(":")
+    }
+
+    /// The listing's `public_key` under `v`.
+    pub fn listed_public_key(&self, v: &Variations) -> Option<String> {
+        (!v.no_listed_public_key).then(|| self.public_key_line())
+    }
+
+    /// The listing's `fingerprint` under `v`.
+    pub fn listed_fingerprint(&self, v: &Variations) -> String {
+        if v.md5_fingerprints {
+            self.fingerprint_md5()
+        } else {
+            self.fingerprint()
+        }
+    }
+
+    /// Serves `text`, listed with the public key line `public` (`type base64 [comment]`).
+    pub fn with_public(text: &str, public: &str) -> KeyPair {
+        let b64 = public.split_whitespace().nth(1).unwrap_or_default();
+        KeyPair {
+            private_key: Some(text.to_string()),
+            public_blob: STANDARD
+                .decode(b64)
+                .expect("a public key line: type base64"),
+        }
+    }
+
+    /// A fresh pair of `key_type` made by `ssh-keygen` in a scratch folder.
+    pub fn generate_with_ssh_keygen(key_type: KeyType, comment: &str) -> KeyPair {
+        let args: &[&str] = match key_type {
+            KeyType::Ed25519 => &["-t", "ed25519"],
+            KeyType::EcdsaP256 => &["-t", "ecdsa", "-b", "256"],
+            KeyType::EcdsaP384 => &["-t", "ecdsa", "-b", "384"],
+            KeyType::RsaOpenSsh => &["-t", "rsa", "-b", "2048"],
+            KeyType::RsaPkcs1 => &["-t", "rsa", "-b", "2048", "-m", "PEM"],
+            KeyType::RsaPkcs8 => &["-t", "rsa", "-b", "2048", "-m", "PKCS8"],
+            KeyType::EcdsaPkcs8 => &["-t", "ecdsa", "-m", "PKCS8"],
+            KeyType::EcdsaSec1 => &["-t", "ecdsa", "-m", "PEM"],
+        };
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "fake-kps-keygen-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("a scratch folder for ssh-keygen");
+        let path = dir.join("key");
+        let out = std::process::Command::new("ssh-keygen")
+            .args(args)
+            .args(["-q", "-N", "", "-C", comment, "-f"])
+            .arg(&path)
+            .output()
+            .expect("fake KPS: ssh-keygen must be installed (openssh-client) for add_key_of");
+        assert!(
+            out.status.success(),
+            "ssh-keygen {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = std::fs::read_to_string(&path).expect("ssh-keygen wrote the key");
+        let public = std::fs::read_to_string(path.with_extension("pub")).expect("and its .pub");
+        let _ = std::fs::remove_dir_all(&dir);
+        KeyPair::with_public(&text, &public)
     }
 
     /// A fresh pair whose private key text carries `comment`.
@@ -157,6 +237,29 @@ pub(crate) fn public_blob_of(text: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listing_variations_and_md5() {
+        let kp = KeyPair::generate("a");
+        let md5 = kp.fingerprint_md5();
+        assert_eq!(md5.len(), 47);
+        assert!(
+            md5.split(':')
+                .all(|p| p.len() == 2 && u8::from_str_radix(p, 16).is_ok())
+        );
+        let v = Variations {
+            md5_fingerprints: true,
+            no_listed_public_key: true,
+            ..Variations::default()
+        };
+        assert_eq!(kp.listed_fingerprint(&v), md5);
+        assert_eq!(kp.listed_public_key(&v), None);
+        let v = Variations::default();
+        assert_eq!(kp.listed_fingerprint(&v), kp.fingerprint());
+        assert_eq!(kp.listed_public_key(&v), Some(kp.public_key_line()));
+        let other = KeyPair::with_public("text", &format!("{} c", kp.public_key_line()));
+        assert_eq!(other.public_blob, kp.public_blob);
+    }
 
     #[test]
     fn generated_key_is_well_formed_openssh() {

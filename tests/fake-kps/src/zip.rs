@@ -10,7 +10,7 @@ use std::sync::{Arc, OnceLock};
 
 use flate2::{Compress, Compression, FlushCompress};
 
-use crate::{Hostile, Layout};
+use crate::{Hostile, Layout, State, Variations};
 
 /// 2026-01-01 00:00:00 in MS-DOS format: a fixed stamp keeps archives reproducible.
 const DOS_TIME: u16 = 0;
@@ -192,17 +192,79 @@ fn common_fields(out: &mut Vec<u8>, e: &Entry) {
 pub(crate) const NOT_ZIP_BODY: &[u8] =
     b"<html><body><h1>Service maintenance</h1><p>Please try again later.</p></body></html>\n";
 
+/// The batch-export body for `keys` (name, private key text) as the fake's state says: its
+/// layout, hostile variant and [`Variations`].
+pub(crate) fn varied_batch(s: &State, keys: &[(&str, &str)], omit: Option<&str>) -> Vec<u8> {
+    let v = &s.variations;
+    let texts: Vec<String> = keys.iter().map(|(_, text)| v.text(text)).collect();
+    let keys: Vec<(&str, &str)> = keys
+        .iter()
+        .zip(&texts)
+        .map(|((name, _), text)| (*name, text.as_str()))
+        .collect();
+    let Some(mut entries) = entries(&keys, s.layout, s.hostile, omit) else {
+        return NOT_ZIP_BODY.to_vec();
+    };
+    vary(&mut entries, s, &keys, v);
+    write(&entries)
+}
+
+/// `.pub` entries, a stray entry and opaque names, as `v` asks.
+fn vary(entries: &mut Vec<Entry>, s: &State, keys: &[(&str, &str)], v: &Variations) {
+    if v.pub_entries {
+        for (name, _) in keys {
+            let Some(kp) = s.keys.get(*name) else {
+                continue;
+            };
+            let entry = s.layout.entry_name(name);
+            let stem = entry.strip_suffix(".pem").unwrap_or(&entry);
+            let line = format!("{} {name}\n", kp.public_key_line());
+            entries.push(Entry::deflated(&format!("{stem}.pub"), line.as_bytes()));
+        }
+    }
+    if v.opaque_names {
+        let count = entries.len();
+        for (i, e) in entries.iter_mut().enumerate() {
+            let ext = if e.name.ends_with(b".pub") {
+                "pub"
+            } else {
+                "pem"
+            };
+            e.name = format!("key-{:04}.{ext}", count - i).into_bytes();
+        }
+        entries.reverse();
+    }
+    if v.stray_entry {
+        let readme = b"Key pairs exported from KPS. Keep them safe.\r\n";
+        entries.insert(0, Entry::deflated("README.txt", readme));
+    }
+}
+
 /// The batch-export body for `keys` (name, private key text), in request order.
 /// Hostile variants change the first requested key's entry (or the last, for `MissingName`)
 /// and leave the others as the layout says.
+#[cfg(test)]
 pub(crate) fn batch(
     keys: &[(&str, &str)],
     layout: Layout,
     hostile: Option<Hostile>,
     omit: Option<&str>,
 ) -> Vec<u8> {
+    match entries(keys, layout, hostile, omit) {
+        Some(entries) => write(&entries),
+        None => NOT_ZIP_BODY.to_vec(),
+    }
+}
+
+/// The entries of a batch zip; `None` for `NotZip`.
+fn entries(
+    keys: &[(&str, &str)],
+    layout: Layout,
+    hostile: Option<Hostile>,
+    omit: Option<&str>,
+) -> Option<Vec<Entry>> {
     if hostile == Some(Hostile::NotZip) {
-        return NOT_ZIP_BODY.to_vec();
+        return None;
     }
     let mut entries: Vec<Entry> = keys
         .iter()
@@ -210,7 +272,7 @@ pub(crate) fn batch(
         .map(|(name, pem)| Entry::deflated(&layout.entry_name(name), pem.as_bytes()))
         .collect();
     let Some(hostile) = hostile else {
-        return write(&entries);
+        return Some(entries);
     };
     let (first, first_pem) = keys[0];
     let first_name = layout.entry_name(first);
@@ -263,7 +325,7 @@ pub(crate) fn batch(
         }
         Hostile::NotZip => unreachable!("handled above"),
     }
-    write(&entries)
+    Some(entries)
 }
 
 #[cfg(test)]
@@ -297,6 +359,75 @@ mod tests {
                 assert_eq!(s, *text);
             }
         }
+    }
+
+    fn names_in(bytes: Vec<u8>) -> Vec<String> {
+        let z = open(bytes);
+        z.file_names().map(str::to_string).collect::<Vec<_>>()
+    }
+
+    #[test]
+    fn each_variation_changes_the_zip_as_documented() {
+        let mut s = crate::State::new();
+        for name in ["a", "b"] {
+            s.keys
+                .insert(name.into(), crate::sshkey::KeyPair::generate(name));
+        }
+        let texts: Vec<String> = ["a", "b"]
+            .iter()
+            .map(|n| s.keys[*n].private_key.clone().unwrap())
+            .collect();
+        let keys = [("a", texts[0].as_str()), ("b", texts[1].as_str())];
+        let mut names = names_in(varied_batch(&s, &keys, None));
+        names.sort();
+        assert_eq!(names, ["a.pem", "b.pem"]);
+
+        s.variations.pub_entries = true;
+        let bytes = varied_batch(&s, &keys, None);
+        let mut z = open(bytes);
+        let mut line = String::new();
+        z.by_name("a.pub")
+            .unwrap()
+            .read_to_string(&mut line)
+            .unwrap();
+        assert_eq!(line, format!("{} a\n", s.keys["a"].public_key_line()));
+        assert_eq!(z.len(), 4);
+
+        s.variations = crate::Variations {
+            stray_entry: true,
+            opaque_names: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            names_in(varied_batch(&s, &keys, None)),
+            ["README.txt", "key-0001.pem", "key-0002.pem"]
+        );
+        // Reverse order: key-0001 is b's.
+        let mut z = open(varied_batch(&s, &keys, None));
+        let mut text = String::new();
+        z.by_name("key-0001.pem")
+            .unwrap()
+            .read_to_string(&mut text)
+            .unwrap();
+        assert_eq!(text, texts[1]);
+
+        s.variations = crate::Variations {
+            crlf: true,
+            bom: true,
+            ..Default::default()
+        };
+        let mut z = open(varied_batch(&s, &keys, None));
+        let mut text = String::new();
+        z.by_name("a.pem")
+            .unwrap()
+            .read_to_string(&mut text)
+            .unwrap();
+        assert!(text.starts_with("\u{feff}-----BEGIN"));
+        assert_eq!(text.matches("\r\n").count(), texts[0].matches('\n').count());
+        assert_eq!(
+            text.replace("\r\n", "\n").trim_start_matches('\u{feff}'),
+            texts[0]
+        );
     }
 
     #[test]
