@@ -27,9 +27,10 @@ pub fn load_manifest(path: &Path) -> Result<Manifest, u8> {
         eprintln!("error: {e}");
         EXIT_INVALID
     })?;
-    if manifest.settings.metrics_file.is_some() || manifest.settings.metrics_listen.is_some() {
-        tracing::warn!(
-            "settings.metrics_file / metrics_listen are accepted but this version writes no metrics"
+    if manifest.keys.is_empty() {
+        eprintln!(
+            "warning: {}: no keys under `keys:`, so nothing is managed; add `name: /path` lines",
+            manifest.path.display()
         );
     }
     Ok(manifest)
@@ -114,9 +115,11 @@ pub async fn reconcile(manifest_path: &Path, splay: Option<Duration>, check_rota
     };
     let options = PassOptions {
         check_rotation,
+        progress: crate::progress::Progress::if_enabled(),
         ..PassOptions::default()
     };
     let result = reconcile::reconcile_once(&manifest, &client, &options).await;
+    options.progress.finish();
     drop(lock);
     match result {
         Ok(report) => {
@@ -299,13 +302,6 @@ pub fn validate(manifest_path: &Path) -> u8 {
             return EXIT_INVALID;
         }
     };
-    println!(
-        "manifest {}: ok, {} keys",
-        manifest.path.display(),
-        manifest.keys.len()
-    );
-    println!("endpoint {}", manifest.kps.endpoint);
-    println!("auth: {}", auth.source());
     let mut code = EXIT_OK;
     if let Err(e) = trusted_credentials(&auth) {
         eprintln!("error: {e}");
@@ -320,7 +316,25 @@ pub fn validate(manifest_path: &Path) -> u8 {
             }
         }
     }
+    // "ok" only when it is: a missing credential file is not.
+    let verdict = if code == EXIT_OK { "ok" } else { "invalid" };
+    println!(
+        "manifest {}: {verdict}, {}",
+        manifest.path.display(),
+        count(manifest.keys.len(), "key")
+    );
+    println!("endpoint {}", manifest.kps.endpoint);
+    println!("auth: {}", auth.source());
     code
+}
+
+/// `1 key`, `2 keys`.
+pub fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
 }
 
 /// `kps-sync status`: what is managed, when each file was written, last error per key.
@@ -409,4 +423,152 @@ fn print_status(rows: &[StatusRow], state: &State) {
             println!("           last error: {e}");
         }
     }
+}
+
+/// How one manifest key stands in the KPS listing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Standing {
+    /// Listed, hosted, not frozen: an export would succeed.
+    Ready,
+    /// Not in the listing of this project.
+    Missing,
+    /// Listed, but KPS does not hold its private key.
+    NotHosted,
+    /// Listed and hosted, but frozen.
+    Frozen,
+}
+
+impl Standing {
+    fn word(self) -> &'static str {
+        match self {
+            Standing::Ready => "ready",
+            Standing::Missing => "missing",
+            Standing::NotHosted => "not-hosted",
+            Standing::Frozen => "frozen",
+        }
+    }
+
+    fn hint(self) -> &'static str {
+        match self {
+            Standing::Ready => "",
+            Standing::Missing => {
+                "not in the KPS listing of this project: check the name, the region and the project id, or create the key pair"
+            }
+            Standing::NotHosted => {
+                "KPS does not hold its private key (is_key_protection: false): import it into KPS or stop managing it here"
+            }
+            Standing::Frozen => "frozen in KPS: unfreeze it in the console",
+        }
+    }
+}
+
+#[derive(serde::Serialize)]
+struct CheckRow {
+    key: String,
+    path: PathBuf,
+    present: bool,
+    hosted: bool,
+    frozen: bool,
+    standing: Standing,
+}
+
+/// `kps-sync check`: the online preflight. One listing proves the credentials, the project and
+/// the permission to list; each manifest key is then judged from it. Exports nothing, writes
+/// nothing (not even the state or the metrics). Exit 0 when every key could be exported, 1
+/// when one could not or KPS could not be listed, 2 for an invalid manifest or no credentials.
+pub async fn check(manifest_path: &Path, json: bool) -> u8 {
+    let manifest = match load_manifest(manifest_path) {
+        Ok(m) => m,
+        Err(code) => return code,
+    };
+    let client = match client_for(&manifest) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    client.auth().begin_pass().await;
+    if let Err(e) = client.auth().ready().await {
+        eprintln!("error: {e}");
+        return EXIT_FAILED;
+    }
+    let listed = match client.list().await {
+        Ok(listed) => listed,
+        Err(e) => {
+            eprintln!(
+                "error: cannot list the key pairs of project {} at {}: {e}",
+                manifest.kps.project_id, manifest.kps.endpoint
+            );
+            return EXIT_FAILED;
+        }
+    };
+    let rows: Vec<CheckRow> = manifest
+        .keys
+        .iter()
+        .map(|k| {
+            let info = listed.get(&k.name);
+            let present = info.is_some();
+            let hosted = info.is_some_and(|i| i.is_key_protection);
+            let frozen = info.is_some_and(|i| i.is_frozen());
+            let standing = match (present, hosted, frozen) {
+                (false, _, _) => Standing::Missing,
+                (true, false, _) => Standing::NotHosted,
+                (true, true, true) => Standing::Frozen,
+                (true, true, false) => Standing::Ready,
+            };
+            CheckRow {
+                key: k.name.clone(),
+                path: k.path.clone(),
+                present,
+                hosted,
+                frozen,
+                standing,
+            }
+        })
+        .collect();
+    let ready = rows
+        .iter()
+        .filter(|r| r.standing == Standing::Ready)
+        .count();
+    let all_ready = ready == rows.len();
+    if json {
+        let doc = serde_json::json!({
+            "endpoint": manifest.kps.endpoint,
+            "project_id": manifest.kps.project_id,
+            "auth": client.auth().source().to_string(),
+            "listed": listed.len(),
+            "ready": all_ready,
+            "keys": rows,
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&doc).expect("serializes")
+        );
+    } else {
+        println!(
+            "KPS {} project {}: listed {} with {}",
+            manifest.kps.endpoint,
+            manifest.kps.project_id,
+            count(listed.len(), "key pair"),
+            client.auth().source()
+        );
+        let width = rows.iter().map(|r| r.key.len()).max().unwrap_or(0);
+        for r in &rows {
+            println!(
+                "{:<10} {:<width$}  {}",
+                r.standing.word(),
+                r.key,
+                r.path.display()
+            );
+        }
+        println!("{} of {} ready to export", ready, count(rows.len(), "key"));
+        for r in rows.iter().filter(|r| r.standing != Standing::Ready) {
+            eprintln!(
+                "error: key {} ({}): {}",
+                r.key,
+                r.path.display(),
+                r.standing.hint()
+            );
+        }
+    }
+    if all_ready { EXIT_OK } else { EXIT_FAILED }
 }

@@ -76,6 +76,20 @@ pub async fn run(manifest_path: &Path) -> u8 {
         Ok(lock) => lock,
         Err(code) => return code,
     };
+    if let Some(addr) = manifest.settings.metrics_listen {
+        match crate::metrics::bind(addr).await {
+            Ok(listener) => {
+                tracing::info!(%addr, "serving /metrics");
+                tokio::spawn(crate::metrics::serve(listener));
+            }
+            Err(e) => {
+                eprintln!(
+                    "error: cannot serve metrics on {addr} (settings.metrics_listen): {e}; pick a free port or remove the setting"
+                );
+                return EXIT_FAILED;
+            }
+        }
+    }
     let watcher = Watcher::new(manifest.settings.watch, poll_every(&manifest.settings));
     tracing::info!(
         manifest = %given.display(),

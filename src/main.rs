@@ -1,10 +1,11 @@
 //! The `kps-sync` binary: parse the command line, set up logging, call the library, exit.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use kps_sync::commands;
 
 /// Keep SSH private keys from Huawei Cloud KPS on this host, exactly where a manifest says.
@@ -57,10 +58,37 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Online preflight: one listing proves the credentials, the project and the permission,
+    /// then each key is reported present, hosted, frozen or missing. Exports nothing, writes
+    /// nothing; exits 0 when every key could be exported, 1 otherwise.
+    Check {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a shell completion script to standard output.
+    Completions {
+        #[arg(value_enum)]
+        shell: Shell,
+    },
+    /// Print the manual page (roff) to standard output.
+    Man,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Shell {
+    Bash,
+    Zsh,
+    Fish,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    match cli.command {
+        Command::Completions { shell } => return completions(shell),
+        Command::Man => return man(),
+        _ => {}
+    }
     let default_level = if matches!(cli.command, Command::Run) {
         "info"
     } else {
@@ -70,6 +98,10 @@ fn main() -> ExitCode {
         matches!(cli.log_format, LogFormat::Json),
         cli.log_level.as_deref(),
         default_level,
+    );
+    // The live progress line: for a person at a terminal, never in a log.
+    kps_sync::progress::enable(
+        matches!(cli.log_format, LogFormat::Text) && std::io::stderr().is_terminal(),
     );
     let manifest = cli
         .manifest
@@ -91,7 +123,41 @@ fn main() -> ExitCode {
             }
             Command::Validate => commands::validate(&manifest),
             Command::Status { json } => commands::status(&manifest, json).await,
+            Command::Check { json } => commands::check(&manifest, json).await,
+            Command::Completions { .. } | Command::Man => unreachable!("answered above"),
         }
     });
     ExitCode::from(code)
+}
+
+fn completions(shell: Shell) -> ExitCode {
+    let shell = match shell {
+        Shell::Bash => clap_complete::Shell::Bash,
+        Shell::Zsh => clap_complete::Shell::Zsh,
+        Shell::Fish => clap_complete::Shell::Fish,
+    };
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "kps-sync", &mut script);
+    print_bytes(&script)
+}
+
+fn man() -> ExitCode {
+    let mut page = Vec::new();
+    clap_mangen::Man::new(Cli::command())
+        .render(&mut page)
+        .expect("rendering into memory does not fail");
+    print_bytes(&page)
+}
+
+/// Generated text to stdout; a closed pipe (`| head`) is not an error worth a panic.
+fn print_bytes(bytes: &[u8]) -> ExitCode {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(bytes) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: cannot write to standard output: {e}");
+            ExitCode::from(commands::EXIT_FAILED)
+        }
+    }
 }

@@ -99,6 +99,8 @@ pub struct PassOptions {
     pub shutdown: Option<Arc<AtomicBool>>,
     /// List KPS whatever `rotation_check` says (`reconcile --check-rotation`).
     pub check_rotation: bool,
+    /// The live progress line of a `reconcile` at a terminal (off by default).
+    pub progress: crate::progress::Progress,
 }
 
 impl PassOptions {
@@ -277,8 +279,19 @@ pub async fn list(client: &KpsClient, why: &str) -> Result<Option<Listing>, KpsE
     }
 }
 
-/// Run one pass. The caller holds the state lock.
+/// Run one pass and record it in the metrics. The caller holds the state lock.
 pub async fn reconcile_once(
+    manifest: &Manifest,
+    client: &Arc<KpsClient>,
+    options: &PassOptions,
+) -> Result<PassReport, PassError> {
+    let started = Instant::now();
+    let result = pass(manifest, client, options).await;
+    crate::metrics::after_pass(manifest, result.as_ref().ok(), started.elapsed());
+    result
+}
+
+async fn pass(
     manifest: &Manifest,
     client: &Arc<KpsClient>,
     options: &PassOptions,
@@ -506,15 +519,17 @@ pub async fn reconcile_once(
         let names: Vec<&str> = keys.iter().map(|(k, _)| k.name.as_str()).collect();
         let actions: Vec<&str> = keys.iter().map(|(_, a)| *a).collect();
         let settings = &manifest.settings;
-        let hook = hooks::run(
+        let ran = hooks::run(
             &names,
             &actions,
             &keys[0].0.path,
             argv,
             settings.hook_timeout,
             &settings.hook_env,
-        );
-        if let Err(e) = hook.await {
+        )
+        .await;
+        crate::metrics::global().hook_run(ran.is_ok());
+        if let Err(e) = ran {
             hook_failures.push(e.to_string());
         }
     }
@@ -615,6 +630,7 @@ async fn export_and_write(
     let semaphore = Arc::new(Semaphore::new(manifest.settings.concurrency.max(1)));
     let mut tasks: JoinSet<Placed> = JoinSet::new();
     let mut interrupted = false;
+    options.progress.set_total(specs.len());
     for chunk in specs.chunks(MAX_BATCH) {
         let chunk: Vec<(KeySpec, Option<String>)> = chunk
             .iter()
@@ -630,10 +646,12 @@ async fn export_and_write(
                 return Placed::default();
             }
             let names: Vec<String> = chunk.iter().map(|(s, _)| s.name.clone()).collect();
+            options.progress.batch_started();
             let exported = tokio::select! {
                 exported = export::export_batch(&client, &names, remote.as_deref()) => exported,
                 () = options.stopped() => return Placed::default(),
             };
+            options.progress.batch_done(names.len());
             let fallbacks = exported.fallbacks;
             let by_name: BTreeMap<String, (KeySpec, Option<String>)> = chunk
                 .into_iter()

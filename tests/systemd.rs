@@ -1,4 +1,4 @@
-//! The units in systemd/: `systemd-analyze verify` is clean and the service's exposure score is
+//! The units in systemd/: `systemd-analyze verify` is clean (their man page included) and the service's exposure score is
 //! at most 2.5. Needs systemd-analyze (Debian's `systemd`); under CI its absence is a failure.
 
 use std::path::{Path, PathBuf};
@@ -31,7 +31,7 @@ fn units(dir: &Path) -> Vec<PathBuf> {
     .iter()
     .map(|name| {
         let text = std::fs::read_to_string(root.join(name)).unwrap();
-        let text = text.replace("/usr/local/bin/kps-sync", env!("CARGO_BIN_EXE_kps-sync"));
+        let text = text.replace("/usr/bin/kps-sync", env!("CARGO_BIN_EXE_kps-sync"));
         let path = dir.join(name);
         std::fs::write(&path, text).unwrap();
         path
@@ -44,9 +44,19 @@ fn units_verify_clean() {
     let Some(analyze) = analyzer() else { return };
     let dir = tempfile::tempdir().unwrap();
     let units = units(dir.path());
+    // `Documentation=man:kps-sync(1)`: verify runs `man` on it, so the page we generate must
+    // be found, as the package installs it.
+    let man1 = dir.path().join("man/man1");
+    std::fs::create_dir_all(&man1).unwrap();
+    let page = Command::new(env!("CARGO_BIN_EXE_kps-sync"))
+        .arg("man")
+        .output()
+        .unwrap();
+    std::fs::write(man1.join("kps-sync.1"), page.stdout).unwrap();
     let out = Command::new(analyze)
         .arg("verify")
         .args(&units)
+        .env("MANPATH", dir.path().join("man"))
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);

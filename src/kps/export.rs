@@ -192,6 +192,7 @@ async fn use_archive(
     let mut out = BatchExport::default();
     match unpacked {
         Ok(unpacked) => {
+            crate::metrics::global().batch_exported(unpacked.keys.len());
             out.keys = unpacked.keys.into_iter().map(|(n, k)| (n, Ok(k))).collect();
             out.fallbacks = unpacked
                 .gaps
@@ -215,8 +216,11 @@ async fn use_archive(
     for fallback in &out.fallbacks {
         for name in &fallback.names {
             tracing::debug!(key = %name, reason = fallback.reason.as_str(), "exporting with the single export call");
-            out.keys
-                .push((name.clone(), export_one(client, name).await));
+            let key = export_one(client, name).await;
+            if key.is_ok() {
+                crate::metrics::global().single_exported(fallback.reason.as_str());
+            }
+            out.keys.push((name.clone(), key));
         }
     }
     out

@@ -318,10 +318,11 @@ impl KpsClient {
         loop {
             attempt += 1;
             self.pace().await;
-            let (mut err, retry_after) = match self
+            let result = self
                 .send_once(operation, &method, &url, body.as_deref(), cap)
-                .await
-            {
+                .await;
+            count_request(operation, &result);
+            let (mut err, retry_after) = match result {
                 Ok(bytes) => return Ok(bytes),
                 Err(e) => e,
             };
@@ -458,6 +459,19 @@ impl KpsClient {
                 tokio::time::sleep(wait).await;
             }
         }
+    }
+}
+
+/// Every attempt that reached KPS (or failed on the network) counts; credentials that could not
+/// be obtained never left the host, so they do not.
+fn count_request(operation: &str, result: &Result<SecretBytes, (KpsError, Option<Duration>)>) {
+    let metrics = crate::metrics::global();
+    match result {
+        Ok(_) => metrics.kps_request(operation, Some(200), None),
+        Err((e, _)) if e.class != Class::Credentials => {
+            metrics.kps_request(operation, e.status, e.code.as_deref())
+        }
+        Err(_) => {}
     }
 }
 

@@ -148,7 +148,7 @@ fn load_text(
                 .into(),
         }]));
     }
-    dupkeys::check(text).map_err(|p| invalid(vec![p]))?;
+    dupkeys::check(text).map_err(|p| invalid(vec![tab_indentation(text, p)]))?;
     let raw: raw::RawManifest =
         serde_yaml::from_str(text).map_err(|e| invalid(vec![error::raw_error_problem(&e)]))?;
     let ctx = validate::Context {
@@ -157,6 +157,27 @@ fn load_text(
         accounts,
     };
     validate::validate(raw, text, &ctx).map_err(invalid)
+}
+
+/// YAML indents with spaces only, and libyaml's word for a tab there ("found character that
+/// cannot start any token") does not say so. When the parse failed at or after a line whose
+/// indentation holds a tab, name that tab instead.
+fn tab_indentation(text: &str, problem: Problem) -> Problem {
+    let upto = problem.location.map_or(usize::MAX, |l| l.line);
+    let tab = text.lines().enumerate().take(upto).find_map(|(i, line)| {
+        let indent = &line[..line.len() - line.trim_start_matches([' ', '\t']).len()];
+        indent.find('\t').map(|col| Location {
+            line: i + 1,
+            column: col + 1,
+        })
+    });
+    match tab {
+        Some(location) => Problem {
+            location: Some(location),
+            message: "a tab in the indentation: YAML indents with spaces only; use spaces".into(),
+        },
+        None => problem,
+    }
 }
 
 /// The path made absolute against the current folder, `.` and `..` removed, so messages and

@@ -94,7 +94,7 @@ pub struct Settings {
     pub max_rps: Option<f64>,
     /// Prometheus text file written after every pass, if any.
     pub metrics_file: Option<PathBuf>,
-    /// Serve `/metrics` here, if any (loopback recommended).
+    /// Serve `/metrics` here, if any: a loopback address unless `allow_remote_metrics`.
     pub metrics_listen: Option<SocketAddr>,
     /// More variables passed from kps-sync's environment to hooks, besides `hooks::PASSED`;
     /// never a credential (the loader refuses one).

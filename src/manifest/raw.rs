@@ -140,6 +140,7 @@ pub(super) struct RawSettings {
     pub metrics_file: Option<Text>,
     pub metrics_listen: Option<Text>,
     pub hook_env: Option<Vec<Text>>,
+    pub allow_remote_metrics: Option<bool>,
 }
 
 /// An entry of `keys:`: `name: /path` or `name: {path: ..., mode: ...}`.

@@ -110,6 +110,22 @@ impl Checker<'_> {
         let metrics_listen = match &s.metrics_listen {
             None => None,
             Some(a) => match a.as_str().parse::<SocketAddr>() {
+                Ok(addr) if !addr.ip().is_loopback() && s.allow_remote_metrics != Some(true) => {
+                    // The metrics say which keys fail and when: not for every host that can
+                    // reach this one, unless the operator says so.
+                    self.problem(
+                        at("metrics_listen"),
+                        Target::Value,
+                        format!(
+                            "`metrics_listen: {addr}` is not a loopback address: use \
+                             `127.0.0.1:{}` and scrape it locally, or add \
+                             `allow_remote_metrics: true` to serve other hosts",
+                            addr.port()
+                        ),
+                    );
+                    ok = false;
+                    None
+                }
                 Ok(addr) => Some(addr),
                 Err(_) => {
                     self.problem(

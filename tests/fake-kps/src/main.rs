@@ -1,4 +1,4 @@
-//! `fake-kps [--port N] [--keys a,b,c] [--latency-ms N]`: serves the fake on 127.0.0.1 until
+//! `fake-kps [--port N] [--keys a,b,c] [--latency-ms N] [--help]`: serves the fake on 127.0.0.1 until
 //! killed, after printing `KEY=VALUE` lines a script can source.
 
 use std::time::Duration;
@@ -12,6 +12,10 @@ fn main() {
                 .unwrap_or_else(|| usage(&format!("{arg} needs a value")))
         };
         match arg.as_str() {
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0)
+            }
             "--port" => {
                 port = value()
                     .parse()
@@ -50,7 +54,17 @@ fn main() {
     }
 }
 
+const USAGE: &str = "usage: fake-kps [--port N] [--keys a,b,c] [--latency-ms N]
+
+Serves a fake Huawei Cloud KPS (plus IAM and the ECS metadata service) on 127.0.0.1 until
+killed, after printing URL=, TOKEN=, PROJECT_ID=, AK= and SK= lines a shell can source.
+
+  --port N         port to bind on 127.0.0.1 (default: any free port)
+  --keys a,b,c     key pairs to create, each a fresh ed25519 key
+  --latency-ms N   delay before each KPS answer
+  -h, --help       print this help";
+
 fn usage(why: &str) -> ! {
-    eprintln!("fake-kps: {why}\nusage: fake-kps [--port N] [--keys a,b,c] [--latency-ms N]");
+    eprintln!("fake-kps: {why}\n{USAGE}");
     std::process::exit(2)
 }
