@@ -561,14 +561,14 @@ pub async fn check(manifest_path: &Path, json: bool) -> u8 {
             );
         }
         println!("{} of {} ready to export", ready, count(rows.len(), "key"));
-        for r in rows.iter().filter(|r| r.standing != Standing::Ready) {
-            eprintln!(
-                "error: key {} ({}): {}",
-                r.key,
-                r.path.display(),
-                r.standing.hint()
-            );
-        }
+    }
+    for r in rows.iter().filter(|r| r.standing != Standing::Ready) {
+        eprintln!(
+            "error: key {} ({}): {}",
+            r.key,
+            r.path.display(),
+            r.standing.hint()
+        );
     }
     if all_ready { EXIT_OK } else { EXIT_FAILED }
 }

@@ -217,9 +217,20 @@ fn metrics_file_is_written_0644_after_each_pass_and_passes_promtool() {
         sample(&first, "kps_sync_exports_total{path=\"batch\",reason=\"\"}"),
         Some(2.0)
     );
-    assert!(
-        first.contains("kps_sync_kps_requests_total{operation=\"batch_export\",outcome=\"4xx\",code=\"KPS.6004\"}"),
-        "{first}"
+    // verify_remote: one listing, and the missing key is never asked for.
+    assert_eq!(
+        sample(
+            &first,
+            "kps_sync_kps_requests_total{operation=\"list\",outcome=\"2xx\",code=\"\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &first,
+            "kps_sync_kps_requests_total{operation=\"batch_export\",outcome=\"2xx\",code=\"\"}"
+        ),
+        Some(1.0)
     );
     assert_eq!(
         sample(&first, "kps_sync_build_info{version=\"0.1.0\"}"),
@@ -255,6 +266,11 @@ fn metrics_file_is_written_0644_after_each_pass_and_passes_promtool() {
     assert_eq!(run.code, 1, "{run:?}");
     let third = std::fs::read_to_string(&path).unwrap();
     assert_promtool_accepts(&third);
+    // Refused twice (the second time after reading the token again): a 4xx with its code.
+    assert!(
+        third.contains("outcome=\"4xx\",code=\"APIGW.0301\"} 2"),
+        "{third}"
+    );
     assert_eq!(
         sample(&third, "kps_sync_last_success_timestamp_seconds"),
         Some(success)
