@@ -10,7 +10,7 @@ use std::time::Duration;
 use crate::auth::Auth;
 use crate::kps::{KpsClient, RetryPolicy};
 use crate::manifest::{self, Manifest};
-use crate::plan::Change;
+use crate::plan::{Change, PublicChange};
 use crate::reconcile::{self, PassOptions, PassReport};
 use crate::state::{self, State};
 
@@ -214,11 +214,26 @@ pub async fn plan(manifest_path: &Path, detailed_exitcode: bool) -> u8 {
         }
     };
     let plan = plan_with_listing(&manifest, &observation).await;
+    let public_paths: std::collections::BTreeMap<&str, &Path> = manifest
+        .keys
+        .iter()
+        .filter_map(|k| Some((k.name.as_str(), k.public_key.as_deref()?)))
+        .collect();
     print_rows(
         plan.actions
             .iter()
             .filter(|a| a.change != Change::Forget)
-            .map(|a| (a.change.word(), a.key.as_str(), a.path.as_path())),
+            .flat_map(|a| {
+                let public = a.public.as_ref().and_then(|p| {
+                    let word = match p {
+                        PublicChange::Write => "write-pub",
+                        PublicChange::Adopt { .. } => "adopt-pub",
+                        PublicChange::Conflict(_) => "conflict",
+                    };
+                    Some((word, a.key.as_str(), *public_paths.get(a.key.as_str())?))
+                });
+                std::iter::once((a.change.word(), a.key.as_str(), a.path.as_path())).chain(public)
+            }),
     );
     let mut out = std::io::stdout().lock();
     let pending = plan.pending().count();
@@ -239,6 +254,17 @@ pub async fn plan(manifest_path: &Path, detailed_exitcode: bool) -> u8 {
             a.path.display(),
             a.change
         );
+    }
+    for a in &plan.actions {
+        if let (Some(PublicChange::Conflict(reason)), Some(path)) =
+            (&a.public, public_paths.get(a.key.as_str()))
+        {
+            eprintln!(
+                "warning: key {} ({}): conflict: {reason}",
+                a.key,
+                path.display()
+            );
+        }
     }
     match (detailed_exitcode, pending > 0) {
         (true, true) => 2,

@@ -30,7 +30,12 @@ pub struct Desired {
     pub meta: FileMeta,
     /// Recipients' fingerprint; `None` for a plain key.
     pub recipients: Option<String>,
+    /// Where the public half goes (`public_key:`), if anywhere.
+    pub public_key: Option<PathBuf>,
 }
+
+/// The mode of a public key file: readable by all, as `ssh-keygen` writes it.
+pub const PUBLIC_MODE: u32 = 0o644;
 
 impl From<&KeySpec> for Desired {
     fn from(spec: &KeySpec) -> Self {
@@ -43,6 +48,7 @@ impl From<&KeySpec> for Desired {
                 gid: spec.group.as_ref().map(|p| p.id),
             },
             recipients: spec.recipients_fingerprint(),
+            public_key: spec.public_key.clone(),
         }
     }
 }
@@ -53,8 +59,9 @@ pub struct KeyFacts {
     /// This pass's KPS listing: name -> `SHA256:` fingerprint of the public key KPS lists
     /// (`None` when it lists none that can be compared). `None` when the pass did not list.
     pub listed: Option<BTreeMap<String, Option<String>>>,
-    /// The `SHA256:` fingerprint of the private key in each file kps-sync did not write, at a
-    /// destination that is not age-encrypted (the adoption candidates).
+    /// The `SHA256:` fingerprint of the key in each file kps-sync did not write, at a
+    /// destination that is not age-encrypted (the adoption candidates): the private key's at a
+    /// key path, the public key's at a `public_key` path.
     pub found: HashMap<PathBuf, String>,
 }
 
@@ -100,6 +107,9 @@ pub enum RestoreReason {
     Altered,
     /// The file is ours but holds another key (a key renamed in the manifest).
     Replaced,
+    /// Ours and intact, but its public key file must be written and the state does not say
+    /// which key the file holds (a record of an older version): both are written anew.
+    PublicKey,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,6 +167,9 @@ impl fmt::Display for Change {
             Change::Restore(RestoreReason::Deleted) => f.write_str("restore (deleted)"),
             Change::Restore(RestoreReason::Altered) => f.write_str("restore (altered)"),
             Change::Restore(RestoreReason::Replaced) => f.write_str("restore (held another key)"),
+            Change::Restore(RestoreReason::PublicKey) => {
+                f.write_str("restore (to write its public key file)")
+            }
             Change::Conflict(r) => write!(f, "conflict: {r}"),
             Change::Rotate => f.write_str("rotate (KPS lists another public key for the name)"),
             Change::Adopt { fix_meta: false } => f.write_str("adopt (holds the key KPS lists)"),
@@ -188,6 +201,18 @@ impl fmt::Display for ConflictReason {
     }
 }
 
+/// What to do about a key's public key file (`public_key:`), besides the key itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublicChange {
+    /// Missing, altered, not as declared, or its key is rewritten: write it from the
+    /// exported key (so it needs an export even when the key file is kept).
+    Write,
+    /// Not written by kps-sync, but it holds the key KPS lists: record it, not rewritten.
+    Adopt { fix_meta: bool },
+    /// Something kps-sync did not write is there: kept, reported.
+    Conflict(ConflictReason),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Action {
     /// The key name (for prune/orphan/forget: the recorded key name).
@@ -197,6 +222,26 @@ pub struct Action {
     /// `sha256:<hex>` of the regular file at `path` when planned; `None` when there was none.
     /// The writer checks the file is still so before replacing or deleting it.
     pub seen: Option<String>,
+    /// The public key file's change, `None` when there is none to make (or none declared).
+    pub public: Option<PublicChange>,
+    /// `sha256:<hex>` of the regular file at the public key path when planned.
+    pub public_seen: Option<String>,
+}
+
+impl Action {
+    /// Does applying it touch the disk or the state?
+    pub fn is_pending(&self) -> bool {
+        self.change.is_pending()
+            || matches!(
+                self.public,
+                Some(PublicChange::Write | PublicChange::Adopt { .. })
+            )
+    }
+
+    /// Does it need the key from KPS (for the key file, or for its public key file)?
+    pub fn needs_export(&self) -> bool {
+        self.change.needs_export() || self.public == Some(PublicChange::Write)
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -206,7 +251,7 @@ pub struct Plan {
 
 impl Plan {
     pub fn pending(&self) -> impl Iterator<Item = &Action> {
-        self.actions.iter().filter(|a| a.change.is_pending())
+        self.actions.iter().filter(|a| a.is_pending())
     }
 
     pub fn has_pending(&self) -> bool {
@@ -234,7 +279,7 @@ pub fn plan(
         desired.iter().map(|d| (d.name.as_str(), d)).collect();
 
     for want in desired {
-        let change = match observed.get(&want.path).unwrap_or(&Observed::Missing) {
+        let mut change = match observed.get(&want.path).unwrap_or(&Observed::Missing) {
             Observed::Symlink => Change::Conflict(ConflictReason::Symlink),
             Observed::NotRegular => Change::Conflict(ConflictReason::NotRegular),
             Observed::Unreadable(why) => Change::Conflict(ConflictReason::Unreadable(why.clone())),
@@ -244,11 +289,33 @@ pub fn plan(
             },
             Observed::Regular(facts) => plan_existing(want, facts, state, keys),
         };
+        let mut public = want
+            .public_key
+            .as_ref()
+            .and_then(|p| plan_public(want, p, &change, observed, state, keys));
+        // Writing the public key file alone needs the key on disk's fingerprint, to check the
+        // export is that key; without it, the key is written again too.
+        let fingerprint_known = state
+            .files
+            .get(&want.name)
+            .is_some_and(|r| r.fingerprint.is_some());
+        if public == Some(PublicChange::Write)
+            && matches!(change, Change::Keep | Change::FixMeta)
+            && !fingerprint_known
+        {
+            change = Change::Restore(RestoreReason::PublicKey);
+            public = want
+                .public_key
+                .as_ref()
+                .and_then(|p| plan_public(want, p, &change, observed, state, keys));
+        }
         actions.push(Action {
             key: want.name.clone(),
             path: want.path.clone(),
             change,
             seen: seen(observed, &want.path),
+            public,
+            public_seen: want.public_key.as_ref().and_then(|p| seen(observed, p)),
         });
     }
 
@@ -281,6 +348,8 @@ pub fn plan(
             path: rec.path.clone(),
             change,
             seen: seen(observed, &rec.path),
+            public: None,
+            public_seen: None,
         });
     }
     Plan { actions }
@@ -330,6 +399,67 @@ fn plan_existing(want: &Desired, facts: &FileFacts, state: &State, keys: &KeyFac
     }
 }
 
+/// The public key file of `want`, at `path`, given the key file's own change.
+fn plan_public(
+    want: &Desired,
+    path: &PathBuf,
+    change: &Change,
+    observed: &ObservedFiles,
+    state: &State,
+    keys: &KeyFacts,
+) -> Option<PublicChange> {
+    if matches!(
+        change,
+        Change::Conflict(_) | Change::Forget | Change::Orphan
+    ) {
+        return None;
+    }
+    let meta = FileMeta {
+        mode: PUBLIC_MODE,
+        ..want.meta
+    };
+    // Ours: recorded with the key, for this key path and this public key path.
+    let recorded = state
+        .files
+        .get(&want.name)
+        .filter(|r| r.path == want.path)
+        .and_then(|r| r.public_key.as_ref())
+        .filter(|p| &p.path == path);
+    let rewritten = change.needs_export();
+    match observed.get(path).unwrap_or(&Observed::Missing) {
+        Observed::Missing => Some(PublicChange::Write),
+        Observed::Symlink => Some(PublicChange::Conflict(ConflictReason::Symlink)),
+        Observed::NotRegular => Some(PublicChange::Conflict(ConflictReason::NotRegular)),
+        Observed::Unreadable(why) => Some(PublicChange::Conflict(ConflictReason::Unreadable(
+            why.clone(),
+        ))),
+        Observed::Regular(facts) => match recorded {
+            Some(rec) if rec.sha256 == facts.sha256 && !rewritten && meta_matches(&meta, facts) => {
+                None
+            }
+            Some(_) => Some(PublicChange::Write),
+            None => {
+                let held = keys.found.get(path).map(String::as_str);
+                let expected = match change {
+                    // Kept as it is: the key recorded for it.
+                    Change::Keep | Change::FixMeta => state
+                        .files
+                        .get(&want.name)
+                        .and_then(|r| r.fingerprint.as_deref()),
+                    // Adopted, or exported and checked against the listing: the listed key.
+                    _ => keys.listed(&want.name),
+                };
+                match (held, expected) {
+                    (Some(held), Some(expected)) if held == expected => Some(PublicChange::Adopt {
+                        fix_meta: !meta_matches(&meta, facts),
+                    }),
+                    _ => Some(PublicChange::Conflict(ConflictReason::NotOurs)),
+                }
+            }
+        },
+    }
+}
+
 fn meta_matches(want: &FileMeta, facts: &FileFacts) -> bool {
     facts.mode == want.mode
         && want.uid.is_none_or(|uid| uid == facts.uid)
@@ -348,6 +478,7 @@ mod tests {
             path: path.into(),
             meta: FileMeta::PRIVATE,
             recipients: None,
+            public_key: None,
         }
     }
 
@@ -367,6 +498,7 @@ mod tests {
             written_at: "2026-11-25T00:00:00Z".into(),
             recipients: None,
             fingerprint: None,
+            public_key: None,
         }
     }
 
@@ -623,6 +755,52 @@ mod tests {
                 Change::Forget => state.forget(&action.key, &action.path),
                 _ => {}
             }
+            let Some(want) = want else { continue };
+            let Some(public_path) = &want.public_key else {
+                continue;
+            };
+            match &action.public {
+                Some(PublicChange::Write) => {
+                    *generation += 1;
+                    let sha = format!("sha256:pub-{}-{generation}", want.name);
+                    obs.insert(
+                        public_path.clone(),
+                        Observed::Regular(FileFacts {
+                            mode: PUBLIC_MODE,
+                            uid: want.meta.uid.unwrap_or(0),
+                            gid: want.meta.gid.unwrap_or(0),
+                            sha256: sha.clone(),
+                        }),
+                    );
+                    let rec = state
+                        .files
+                        .get_mut(&want.name)
+                        .expect("the key is recorded");
+                    rec.public_key = Some(crate::state::PublicRecord {
+                        path: public_path.clone(),
+                        sha256: sha,
+                    });
+                }
+                Some(PublicChange::Adopt { fix_meta }) => {
+                    let Some(Observed::Regular(f)) = obs.get_mut(public_path) else {
+                        panic!("adopt without a file");
+                    };
+                    if *fix_meta {
+                        f.mode = PUBLIC_MODE;
+                        f.uid = want.meta.uid.unwrap_or(f.uid);
+                        f.gid = want.meta.gid.unwrap_or(f.gid);
+                    }
+                    let rec = state
+                        .files
+                        .get_mut(&want.name)
+                        .expect("the key is recorded");
+                    rec.public_key = Some(crate::state::PublicRecord {
+                        path: public_path.clone(),
+                        sha256: f.sha256.clone(),
+                    });
+                }
+                _ => {}
+            }
         }
     }
 
@@ -675,9 +853,29 @@ mod tests {
                 4,
             )),
             proptest::collection::vec(proptest::option::of(0..2u8), 5),
+            // Public key files: declared or not per key; what is at each key path's `.pub`;
+            // a record of one per key record; a key found in each.
+            proptest::collection::vec(any::<bool>(), 4),
+            proptest::collection::vec(arb_observed(), 5),
+            proptest::collection::vec(proptest::option::of(0..3u8), 4),
+            proptest::collection::vec(proptest::option::of(0..2u8), 5),
         )
             .prop_map(
-                move |(names_used, paths, metas, prune, observed, records, listed, found)| {
+                move |(
+                    names_used,
+                    paths,
+                    metas,
+                    prune,
+                    observed,
+                    records,
+                    listed,
+                    found,
+                    public,
+                    public_observed,
+                    public_records,
+                    public_found,
+                )| {
+                    let pub_of = |p: &str| PathBuf::from(format!("{p}.pub"));
                     let desired: Vec<Desired> = names_used
                         .iter()
                         .enumerate()
@@ -690,19 +888,30 @@ mod tests {
                                 gid: metas[i].1,
                             },
                             recipients: metas[i].2.map(|r| format!("sha256:r{r}")),
+                            public_key: public[i].then(|| pub_of(paths[i])),
                         })
                         .collect();
-                    let obs: ObservedFiles = paths
+                    let mut obs: ObservedFiles = paths
                         .iter()
                         .zip(observed)
                         .map(|(p, o)| (PathBuf::from(p), o))
                         .collect();
+                    obs.extend(
+                        paths
+                            .iter()
+                            .zip(public_observed)
+                            .map(|(p, o)| (pub_of(p), o)),
+                    );
                     let mut state = State::new();
-                    for (name, rec) in names.iter().zip(records) {
+                    for ((name, rec), public) in names.iter().zip(records).zip(public_records) {
                         if let Some((p, h, r, f)) = rec {
                             let mut fr = record(paths[p], &format!("sha256:{h}"));
                             fr.recipients = r.map(|r| format!("sha256:r{r}"));
                             fr.fingerprint = f.map(|f| format!("SHA256:{f}"));
+                            fr.public_key = public.map(|h| crate::state::PublicRecord {
+                                path: pub_of(paths[p]),
+                                sha256: format!("sha256:{h}"),
+                            });
                             state.files.insert(name.to_string(), fr);
                         }
                     }
@@ -720,6 +929,12 @@ mod tests {
                         .iter()
                         .zip(found)
                         .filter_map(|(p, f)| f.map(|f| (PathBuf::from(p), format!("SHA256:{f}"))))
+                        .chain(
+                            paths
+                                .iter()
+                                .zip(public_found)
+                                .filter_map(|(p, f)| f.map(|f| (pub_of(p), format!("SHA256:{f}")))),
+                        )
                         .collect();
                     (desired, prune, obs, state, KeyFacts { listed, found })
                 },
@@ -753,6 +968,20 @@ mod tests {
                     // Adopted only when the file holds the very key KPS lists.
                     let held = keys.found.get(&action.path);
                     prop_assert!(held.is_some() && held.map(String::as_str) == keys.listed(&action.key));
+                    continue;
+                }
+                if action.public == Some(PublicChange::Write) {
+                    let want = desired.iter().find(|d| d.name == action.key).unwrap();
+                    let path = want.public_key.as_ref().unwrap();
+                    if let Some(Observed::Regular(_)) = obs.get(path) {
+                        let ours = state.files.get(&action.key).is_some_and(|r| {
+                            r.path == action.path
+                                && r.public_key.as_ref().is_some_and(|p| &p.path == path)
+                        });
+                        prop_assert!(ours, "{action:?} would overwrite a public key file not ours");
+                    }
+                }
+                if !action.change.is_pending() {
                     continue;
                 }
                 if let Some(Observed::Regular(f)) = obs.get(&action.path) {

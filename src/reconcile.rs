@@ -27,9 +27,9 @@ use crate::kps::export::{self, ExportError, Fallback, FallbackReason};
 use crate::kps::{Class, KeypairInfo, KpsClient, KpsError, Listing, MAX_BATCH};
 use crate::manifest::{KeySpec, Manifest};
 use crate::observe::{self, Observed, ObservedFiles};
-use crate::plan::{self, Change, Desired, KeyFacts, Plan};
-use crate::state::{self, ErrorRecord, FileRecord, PassRecord, State, StateError};
-use crate::write::Prior;
+use crate::plan::{self, Action, Change, Desired, KeyFacts, Plan, PublicChange};
+use crate::state::{self, ErrorRecord, FileRecord, PassRecord, PublicRecord, State, StateError};
+use crate::write::{FileMeta, Prior};
 use crate::{encrypt, hooks, keys, write};
 
 /// Why one key is not in place after the pass.
@@ -128,8 +128,12 @@ pub struct Observation {
     pub state: State,
     desired: Vec<Desired>,
     observed: ObservedFiles,
-    /// Adoption candidates: path -> `SHA256:` fingerprint of the private key in the file.
+    /// Adoption candidates: path -> `SHA256:` fingerprint of the key in the file (the private
+    /// key at a key path, the public key at a `public_key` path).
     found: HashMap<PathBuf, String>,
+    /// Some key file among them: only those need a listing to be judged (a public key file
+    /// is judged against the state's fingerprint, or with its key file).
+    key_candidates: bool,
 }
 
 /// Largest file read to see whether it holds a key (an RSA 16384 PEM is under 13 KiB).
@@ -142,8 +146,21 @@ impl Observation {
         let desired: Vec<Desired> = manifest.keys.iter().map(Desired::from).collect();
         let paths: HashSet<PathBuf> = desired
             .iter()
-            .map(|d| d.path.clone())
+            .flat_map(|d| std::iter::once(d.path.clone()).chain(d.public_key.clone()))
             .chain(state.files.values().map(|r| r.path.clone()))
+            .collect();
+        // Public key files with no record of ours.
+        let public_candidates: Vec<PathBuf> = desired
+            .iter()
+            .filter_map(|d| {
+                let path = d.public_key.as_ref()?;
+                let recorded = state
+                    .files
+                    .get(&d.name)
+                    .and_then(|r| r.public_key.as_ref())
+                    .is_some_and(|p| &p.path == path);
+                (!recorded).then(|| path.clone())
+            })
             .collect();
         // Plain destinations with no record of ours for the key: a file there may be a copy of
         // the listed key, placed by hand or by another tool.
@@ -158,9 +175,9 @@ impl Observation {
             .values()
             .map(|r| (r.path.clone(), r.sha256.clone()))
             .collect();
-        let (observed, found) = tokio::task::spawn_blocking(move || {
+        let (observed, found, key_candidates) = tokio::task::spawn_blocking(move || {
             let observed = observe::observe_all(paths.iter().map(PathBuf::as_path));
-            let found = candidates
+            let mut found: HashMap<PathBuf, String> = candidates
                 .into_iter()
                 .filter_map(|path| match observed.get(&path) {
                     Some(Observed::Regular(f))
@@ -172,7 +189,15 @@ impl Observation {
                     _ => None,
                 })
                 .collect();
-            (observed, found)
+            let key_candidates = !found.is_empty();
+            for path in public_candidates {
+                if let Some(Observed::Regular(f)) = observed.get(&path)
+                    && let Some(fp) = held_public_key(&path, &f.sha256)
+                {
+                    found.insert(path, fp);
+                }
+            }
+            (observed, found, key_candidates)
         })
         .await
         .expect("observe does not panic");
@@ -181,6 +206,7 @@ impl Observation {
             desired,
             observed,
             found,
+            key_candidates,
         })
     }
 
@@ -218,12 +244,10 @@ impl Observation {
         if manifest.keys.is_empty() {
             return None;
         }
-        if manifest.settings.verify_remote
-            && unlisted.actions.iter().any(|a| a.change.needs_export())
-        {
+        if manifest.settings.verify_remote && unlisted.actions.iter().any(Action::needs_export) {
             return Some("keys to export");
         }
-        if !self.found.is_empty() {
+        if self.key_candidates {
             return Some("files kps-sync did not write hold keys: adoption");
         }
         if self
@@ -251,6 +275,27 @@ fn held_key(path: &Path, sha256: &str) -> Option<String> {
     keys::PrivateKey::parse(&bytes)
         .ok()
         .map(|key| key.fingerprint_sha256())
+}
+
+/// The `SHA256:` fingerprint of the public key line in `path`, if it holds one and is still
+/// the file observed (`sha256`).
+fn held_public_key(path: &Path, sha256: &str) -> Option<String> {
+    const MAX_PUBLIC: u64 = 16 << 10;
+    let (file, meta) = observe::open_regular(path).ok()?;
+    if meta.len() > MAX_PUBLIC {
+        return None;
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_PUBLIC).read_to_end(&mut bytes).ok()?;
+    if observe::sha256_of(&bytes) != sha256 {
+        return None;
+    }
+    let text = std::str::from_utf8(&bytes).ok()?;
+    let line = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))?;
+    crate::kps::public_key_fingerprint(line)
 }
 
 /// The plan without a listing: what `status` shows. Touches nothing, calls nothing.
@@ -333,7 +378,7 @@ async fn pass(
     let specs: BTreeMap<&str, &KeySpec> =
         manifest.keys.iter().map(|k| (k.name.as_str(), k)).collect();
     let mut outcomes: Vec<Outcome> = Vec::new();
-    let mut to_export: Vec<(&KeySpec, Option<String>)> = Vec::new();
+    let mut to_export: Vec<Job> = Vec::new();
     let mut prunes = Vec::new();
     // Keys whose file changed, and how: their hooks run at the end.
     let mut changed: Vec<(&KeySpec, &'static str)> = Vec::new();
@@ -353,7 +398,7 @@ async fn pass(
         };
         match &action.change {
             c if c.needs_export() => {
-                to_export.push((specs[action.key.as_str()], action.seen.clone()));
+                to_export.push(Job::new(specs[action.key.as_str()], action, true, None));
                 continue;
             }
             Change::FixMeta => {
@@ -388,6 +433,7 @@ async fn pass(
                             written_at: state::now_rfc3339(),
                             recipients: None,
                             fingerprint: found.get(&spec.path).cloned(),
+                            public_key: None,
                         },
                     );
                 }
@@ -402,6 +448,29 @@ async fn pass(
             Change::Keep | Change::Orphan => {}
             _ => unreachable!("needs_export covers the rest"),
         }
+        // The key file is kept, but its public key file needs the key: export it, and check
+        // it is still the key on disk before writing its public half.
+        if action.public == Some(PublicChange::Write) && outcome.result.is_ok() {
+            let spec = specs[action.key.as_str()];
+            let expect = state
+                .files
+                .get(&action.key)
+                .and_then(|r| r.fingerprint.clone());
+            match expect {
+                Some(expect) => to_export.push(Job::new(spec, action, false, Some(expect))),
+                None => {
+                    outcome.result = Err(failure(
+                        "public-key",
+                        format!(
+                            "{}: the key's fingerprint is not recorded, so its public key file \
+                             cannot be written without rewriting the key; remove the key file \
+                             to have both written",
+                            display_public(spec)
+                        ),
+                    ));
+                }
+            }
+        }
         outcomes.push(outcome);
     }
 
@@ -412,29 +481,34 @@ async fn pass(
         // The listing checks exports only where asked (a rotation check may have listed).
         let remote = remote.filter(|_| manifest.settings.verify_remote);
         let mut exportable = Vec::new();
-        for (spec, seen) in to_export {
-            match remote.as_ref().map(|r| check_listing(r, &spec.name)) {
+        for job in to_export {
+            match remote.as_ref().map(|r| check_listing(r, &job.spec.name)) {
                 Some(Err(f)) => outcomes.push(Outcome {
-                    key: spec.name.clone(),
-                    path: spec.path.clone(),
-                    change: plan_change(&plan, &spec.name),
+                    key: job.spec.name.clone(),
+                    path: job.spec.path.clone(),
+                    change: job.change.clone(),
                     result: Err(f),
                 }),
-                _ => exportable.push((spec, seen)),
+                _ => exportable.push(job),
             }
         }
         let remote = remote.map(Arc::new);
-        let results = export_and_write(
-            manifest, client, exportable, &plan, remote, options, &mut state,
-        )
-        .await?;
+        let results =
+            export_and_write(manifest, client, exportable, remote, options, &mut state).await?;
         interrupted = results.interrupted;
         fallbacks = results.fallbacks;
         for outcome in results.outcomes {
-            if outcome.result.is_ok() {
+            if outcome.result.is_ok() && outcome.change.needs_export() {
                 changed.push((specs[outcome.key.as_str()], outcome.change.word()));
             }
             outcomes.push(outcome);
+        }
+    }
+
+    // Public key files to adopt or report, now that their keys are recorded.
+    for action in &plan.actions {
+        if let Some(public) = &action.public {
+            public_key_file(action, public, &specs, &found, &mut state, &mut outcomes);
         }
     }
 
@@ -461,7 +535,10 @@ async fn pass(
 
     // Errors: remember the last failure per key, forget it once the key is in place.
     let now = state::now_rfc3339();
-    for outcome in &outcomes {
+    // Successes first, so a key with one failed outcome of two keeps its error.
+    let (fine, failures): (Vec<&Outcome>, Vec<&Outcome>) =
+        outcomes.iter().partition(|o| o.result.is_ok());
+    for outcome in fine.into_iter().chain(failures) {
         if !specs.contains_key(outcome.key.as_str()) {
             continue;
         }
@@ -483,10 +560,13 @@ async fn pass(
     state.errors.retain(|k, _| specs.contains_key(k.as_str()));
 
     let managed = manifest.keys.len();
+    // A key may have two outcomes (its file and its public key file): count keys.
     let failed = outcomes
         .iter()
         .filter(|o| specs.contains_key(o.key.as_str()) && o.result.is_err())
-        .count();
+        .map(|o| o.key.as_str())
+        .collect::<BTreeSet<_>>()
+        .len();
     let attempted: BTreeSet<&str> = outcomes.iter().map(|o| o.key.as_str()).collect();
     let not_attempted = manifest
         .keys
@@ -553,14 +633,6 @@ fn failure(code: &str, message: String) -> KeyFailure {
     }
 }
 
-fn plan_change(plan: &Plan, key: &str) -> Change {
-    plan.actions
-        .iter()
-        .find(|a| a.key == key && a.change.needs_export())
-        .map(|a| a.change.clone())
-        .unwrap_or(Change::Create)
-}
-
 fn check_listing(remote: &BTreeMap<String, KeypairInfo>, name: &str) -> Result<(), KeyFailure> {
     match remote.get(name) {
         None => Err(failure(
@@ -585,10 +657,8 @@ struct ExportResults {
     fallbacks: BTreeMap<FallbackReason, usize>,
 }
 
-type Placed = (
-    Vec<(KeySpec, Result<FileRecord, KeyFailure>)>,
-    Vec<Fallback>,
-);
+/// What one batch task hands back: each job's result, and the batch's fallbacks.
+type BatchDone = (Vec<(Job, Result<Placed, KeyFailure>)>, Vec<Fallback>);
 
 /// One warning for the whole pass, however many batches fell back: the reasons, how many
 /// names each cost, and the first refusal in full.
@@ -615,27 +685,190 @@ fn warn_fallbacks(all: &[Fallback]) -> BTreeMap<FallbackReason, usize> {
     counts
 }
 
+/// One key to export, and what to write from it.
+#[derive(Clone)]
+struct Job {
+    spec: KeySpec,
+    change: Change,
+    /// Write the key file; `false`: only its public key file (the key file is kept).
+    key_file: bool,
+    seen: Option<String>,
+    /// Write the public key file too.
+    public: bool,
+    public_seen: Option<String>,
+    /// With `key_file: false`, the fingerprint the exported key must have: the key on disk.
+    expect: Option<String>,
+}
+
+impl Job {
+    fn new(spec: &KeySpec, action: &Action, key_file: bool, expect: Option<String>) -> Job {
+        Job {
+            spec: spec.clone(),
+            change: action.change.clone(),
+            key_file,
+            seen: action.seen.clone(),
+            public: action.public == Some(PublicChange::Write),
+            public_seen: action.public_seen.clone(),
+            expect,
+        }
+    }
+}
+
+/// What one job wrote: the key file's record, and the public key file's.
+struct Placed {
+    record: Option<FileRecord>,
+    public: Option<PublicRecord>,
+}
+
+fn display_public(spec: &KeySpec) -> String {
+    spec.public_key
+        .as_deref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
+
+/// Carry out a public key file's change that needs no export: adopt it, or report what is in
+/// the way.
+fn public_key_file(
+    action: &Action,
+    public: &PublicChange,
+    specs: &BTreeMap<&str, &KeySpec>,
+    found: &HashMap<PathBuf, String>,
+    state: &mut State,
+    outcomes: &mut Vec<Outcome>,
+) {
+    let spec = specs[action.key.as_str()];
+    let Some(path) = &spec.public_key else {
+        return;
+    };
+    let result = match public {
+        PublicChange::Write => return,
+        PublicChange::Conflict(reason) => {
+            Err(failure("conflict", format!("{}: {reason}", path.display())))
+        }
+        PublicChange::Adopt { .. }
+            if state
+                .files
+                .get(&action.key)
+                .filter(|r| r.path == spec.path)
+                .and_then(|r| r.fingerprint.as_ref())
+                != found.get(path) =>
+        {
+            // The key was not written (its failure is reported), or is not the one this file
+            // holds: leave the file alone.
+            return;
+        }
+        PublicChange::Adopt { fix_meta } => {
+            let seen = action.public_seen.clone().unwrap_or_default();
+            let meta = FileMeta {
+                mode: plan::PUBLIC_MODE,
+                ..Desired::from(spec).meta
+            };
+            let fixed = if *fix_meta {
+                write::fix_meta(path, meta, &seen).map_err(|e| failure("write", e.to_string()))
+            } else {
+                Ok(())
+            };
+            if let (Ok(()), Some(rec)) = (&fixed, state.files.get_mut(&action.key)) {
+                tracing::info!(key = %action.key, path = %path.display(), "adopted the public key file: it holds the key's public half");
+                rec.public_key = Some(PublicRecord {
+                    path: path.clone(),
+                    sha256: seen,
+                });
+            }
+            fixed
+        }
+    };
+    outcomes.push(Outcome {
+        key: action.key.clone(),
+        path: path.clone(),
+        change: action.change.clone(),
+        result,
+    });
+}
+
+/// Write the public half of `key` beside it, mode 0644, owner and group as the key's. The
+/// line is `type base64 name`.
+fn place_public(
+    spec: &KeySpec,
+    public_seen: Option<&str>,
+    line: &str,
+) -> Result<PublicRecord, KeyFailure> {
+    let Some(path) = &spec.public_key else {
+        unreachable!("only jobs for keys with public_key write one");
+    };
+    let text = format!("{line} {}\n", spec.name);
+    let meta = FileMeta {
+        mode: plan::PUBLIC_MODE,
+        ..Desired::from(spec).meta
+    };
+    let prior = match public_seen {
+        Some(sha256) => Prior::Sha256(sha256),
+        None => Prior::Absent,
+    };
+    write::write_atomic(path, text.as_bytes(), meta, prior).map_err(|e| {
+        let code = match e {
+            write::WriteError::Changed { .. } | write::WriteError::Symlink { .. } => "conflict",
+            _ => "write",
+        };
+        failure(code, e.to_string())
+    })?;
+    Ok(PublicRecord {
+        path: path.clone(),
+        sha256: observe::sha256_of(text.as_bytes()),
+    })
+}
+
+/// Check, write the key file where asked, and write its public key file where asked. Runs on
+/// a blocking thread.
+fn carry_out(
+    job: &Job,
+    key: keys::PrivateKey,
+    remote: Option<&BTreeMap<String, KeypairInfo>>,
+) -> Result<Placed, KeyFailure> {
+    if let Some(expect) = &job.expect
+        && *expect != key.fingerprint_sha256()
+    {
+        return Err(failure(
+            "public-key",
+            format!(
+                "{}: KPS now holds another key for this name than the one on disk; not written. \
+                 The next listing rotates the key (or run `reconcile --check-rotation`)",
+                display_public(&job.spec)
+            ),
+        ));
+    }
+    let public = job.public.then(|| key.public_openssh());
+    let record = if job.key_file {
+        Some(place(&job.spec, job.seen.as_deref(), key, remote)?)
+    } else {
+        verify_listed(&job.spec.name, &key, remote)?;
+        None
+    };
+    let public = match public {
+        Some(line) => Some(place_public(&job.spec, job.public_seen.as_deref(), &line)?),
+        None => None,
+    };
+    Ok(Placed { record, public })
+}
+
 /// Export in batches of at most 10, `concurrency` in flight; each batch's keys are checked,
 /// encrypted and written as soon as its zip arrives, so memory stays bounded by the batches
 /// in flight.
 async fn export_and_write(
     manifest: &Manifest,
     client: &Arc<KpsClient>,
-    specs: Vec<(&KeySpec, Option<String>)>,
-    plan: &Plan,
+    jobs: Vec<Job>,
     remote: Option<Arc<BTreeMap<String, KeypairInfo>>>,
     options: &PassOptions,
     state: &mut State,
 ) -> Result<ExportResults, PassError> {
     let semaphore = Arc::new(Semaphore::new(manifest.settings.concurrency.max(1)));
-    let mut tasks: JoinSet<Placed> = JoinSet::new();
+    let mut tasks: JoinSet<BatchDone> = JoinSet::new();
     let mut interrupted = false;
-    options.progress.set_total(specs.len());
-    for chunk in specs.chunks(MAX_BATCH) {
-        let chunk: Vec<(KeySpec, Option<String>)> = chunk
-            .iter()
-            .map(|(spec, seen)| ((*spec).clone(), seen.clone()))
-            .collect();
+    options.progress.set_total(jobs.len());
+    for chunk in jobs.chunks(MAX_BATCH) {
+        let chunk: Vec<Job> = chunk.to_vec();
         let semaphore = semaphore.clone();
         let remote = remote.clone();
         let options = options.clone();
@@ -643,39 +876,39 @@ async fn export_and_write(
         tasks.spawn(async move {
             let _permit = semaphore.acquire_owned().await.expect("never closed");
             if options.stopping() {
-                return Placed::default();
+                return BatchDone::default();
             }
-            let names: Vec<String> = chunk.iter().map(|(s, _)| s.name.clone()).collect();
+            let names: Vec<String> = chunk.iter().map(|j| j.spec.name.clone()).collect();
             options.progress.batch_started();
             let exported = tokio::select! {
                 exported = export::export_batch(&client, &names, remote.as_deref()) => exported,
-                () = options.stopped() => return Placed::default(),
+                () = options.stopped() => return BatchDone::default(),
             };
             options.progress.batch_done(names.len());
             let fallbacks = exported.fallbacks;
-            let by_name: BTreeMap<String, (KeySpec, Option<String>)> = chunk
+            let by_name: BTreeMap<String, Job> = chunk
                 .into_iter()
-                .map(|(s, seen)| (s.name.clone(), (s, seen)))
+                .map(|j| (j.spec.name.clone(), j))
                 .collect();
             let placed = tokio::task::spawn_blocking(move || {
                 exported
                     .keys
                     .into_iter()
                     .map(|(name, result)| {
-                        let (spec, seen) = by_name[&name].clone();
+                        let job = by_name[&name].clone();
                         if options.stopping() {
                             return (
-                                spec,
+                                job,
                                 Err(failure(
                                     "shutdown",
                                     "not written: kps-sync is stopping".into(),
                                 )),
                             );
                         }
-                        let record = result
+                        let placed = result
                             .map_err(|e| export_failure(&e))
-                            .and_then(|key| place(&spec, seen.as_deref(), key, remote.as_deref()));
-                        (spec, record)
+                            .and_then(|key| carry_out(&job, key, remote.as_deref()));
+                        (job, placed)
                     })
                     .collect()
             })
@@ -694,16 +927,24 @@ async fn export_and_write(
         if batch.is_empty() {
             interrupted = true;
         }
-        for (spec, result) in batch {
+        for (job, result) in batch {
             if result.as_ref().is_err_and(|f| f.code == "shutdown") {
                 interrupted = true;
                 continue;
             }
-            let change = plan_change(plan, &spec.name);
+            let Job { spec, change, .. } = job;
             let result = match result {
-                Ok(record) => {
-                    tracing::info!(key = %spec.name, path = %spec.path.display(), action = change.word(), "wrote key");
-                    state.files.insert(spec.name.clone(), record);
+                Ok(placed) => {
+                    if let Some(record) = placed.record {
+                        tracing::info!(key = %spec.name, path = %spec.path.display(), action = change.word(), "wrote key");
+                        state.files.insert(spec.name.clone(), record);
+                    }
+                    if let Some(public) = placed.public {
+                        tracing::info!(key = %spec.name, path = %public.path.display(), "wrote public key file");
+                        if let Some(rec) = state.files.get_mut(&spec.name) {
+                            rec.public_key = Some(public);
+                        }
+                    }
                     Ok(())
                 }
                 Err(f) => Err(f),
@@ -765,6 +1006,7 @@ fn place(
         written_at: state::now_rfc3339(),
         recipients: spec.recipients_fingerprint(),
         fingerprint,
+        public_key: None,
     })
 }
 

@@ -57,6 +57,17 @@ pub struct FileRecord {
     /// `None` in records of older versions, or when the key's type could not be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fingerprint: Option<String>,
+    /// The public key file written (or adopted) beside the key (`public_key:`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<PublicRecord>,
+}
+
+/// A public key file kps-sync wrote or adopted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublicRecord {
+    pub path: PathBuf,
+    /// `sha256:<hex>` of its bytes.
+    pub sha256: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -233,6 +244,10 @@ mod tests {
                 written_at: now_rfc3339(),
                 recipients: None,
                 fingerprint: Some("SHA256:abc".into()),
+                public_key: Some(PublicRecord {
+                    path: "/etc/k.pub".into(),
+                    sha256: "sha256:01".into(),
+                }),
             },
         );
         state.last_listing = Some(now_rfc3339());

@@ -337,3 +337,155 @@ fn every_error_body_form_is_read_for_its_code_and_message() {
         );
     }
 }
+
+/// The first two fields of a public key line: what the listing's `public_key` is compared on.
+fn key_fields(line: &str) -> String {
+    line.split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[test]
+fn public_key_true_writes_path_pub_0644_from_the_key_and_as_kps_lists_it() {
+    let sb = Sandbox::new();
+    sb.fake.add_key("a");
+    sb.fake.add_key("b");
+    sb.manifest(
+        "",
+        "  a:\n    path: out/a.pem\n    public_key: true\n  b:\n    path: out/b.pem\n    public_key: pubs/b.pub\n",
+    );
+    let run = sb.reconcile();
+    assert_eq!(run.code, 0, "{run:?}");
+    for (name, path) in [("a", "out/a.pem.pub"), ("b", "pubs/b.pub")] {
+        let path = sb.path(path);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            key_fields(&text),
+            key_fields(&sb.fake.public_key(name).unwrap()),
+            "{name}"
+        );
+        assert!(text.ends_with(&format!(" {name}\n")), "{text:?}");
+        assert_eq!(mode_of(&path), 0o644);
+    }
+    assert_eq!(sb.fake.stats().names_exported, 2, "one export per key");
+    assert!(state_json(&sb)["files"]["a"]["public_key"]["sha256"].is_string());
+    assert_eq!(sb.run(&["plan", "--detailed-exitcode"]).code, 0);
+}
+
+#[test]
+fn a_deleted_public_key_file_is_written_again_and_the_key_file_kept() {
+    let sb = Sandbox::new();
+    sb.fake.add_key("a");
+    let hook_out = sb.path("hook.out");
+    sb.manifest(
+        "",
+        &format!(
+            "  a:\n    path: out/a.pem\n    public_key: true\n    on_change: [\"sh\", \"-c\", \"echo $KPS_SYNC_ACTION >> {}\"]\n",
+            hook_out.display()
+        ),
+    );
+    assert_eq!(sb.reconcile().code, 0);
+    let key_before = identity(&sb.path("out/a.pem"));
+    let pub_path = sb.path("out/a.pem.pub");
+    let text = std::fs::read_to_string(&pub_path).unwrap();
+    std::fs::remove_file(&pub_path).unwrap();
+
+    let plan = sb.run(&["plan", "--detailed-exitcode"]);
+    assert_eq!(plan.code, 2, "{plan:?}");
+    assert!(plan.stdout.contains("write-pub"), "{plan:?}");
+
+    sb.fake.reset_stats();
+    let run = sb.reconcile();
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(std::fs::read_to_string(&pub_path).unwrap(), text);
+    assert_eq!(identity(&sb.path("out/a.pem")), key_before, "key file kept");
+    assert_eq!(sb.fake.stats().names_exported, 1);
+    assert_eq!(
+        std::fs::read_to_string(&hook_out).unwrap(),
+        "create\n",
+        "no hook: the key did not change"
+    );
+
+    // Altered by hand: ours, so written again.
+    std::fs::write(&pub_path, "ssh-ed25519 AAAA tampered\n").unwrap();
+    assert_eq!(sb.reconcile().code, 0);
+    assert_eq!(std::fs::read_to_string(&pub_path).unwrap(), text);
+}
+
+#[test]
+fn a_hand_placed_key_and_its_public_key_file_are_both_adopted_without_an_export() {
+    let sb = Sandbox::new();
+    let text = sb.fake.add_key("a");
+    std::fs::create_dir(sb.path("out")).unwrap();
+    let key = sb.path("out/a.pem");
+    let public = sb.path("out/a.pem.pub");
+    std::fs::write(&key, &text).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    std::fs::write(
+        &public,
+        format!("{} me@laptop\n", sb.fake.public_key("a").unwrap()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&public, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let before = (identity(&key), identity(&public));
+    sb.manifest("", "  a:\n    path: out/a.pem\n    public_key: true\n");
+    let plan = sb.run(&["plan"]);
+    assert!(
+        plan.stdout.contains("adopt-pub") && plan.stdout.contains("adopt "),
+        "{plan:?}"
+    );
+    let run = sb.reconcile();
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!((identity(&key), identity(&public)), before);
+    assert_eq!(sb.fake.stats().names_exported, 0);
+    assert_eq!(sb.run(&["plan", "--detailed-exitcode"]).code, 0);
+}
+
+#[test]
+fn a_foreign_public_key_file_is_kept_and_reported_while_the_key_lands() {
+    let sb = Sandbox::new();
+    sb.fake.add_key("a");
+    std::fs::create_dir(sb.path("out")).unwrap();
+    let public = sb.path("out/a.pem.pub");
+    std::fs::write(
+        &public,
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOther someone\n",
+    )
+    .unwrap();
+    sb.manifest("", "  a:\n    path: out/a.pem\n    public_key: true\n");
+    let run = sb.reconcile();
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(sb.path("out/a.pem").exists());
+    assert_eq!(
+        std::fs::read_to_string(&public).unwrap(),
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOther someone\n"
+    );
+    assert!(
+        run.stderr
+            .lines()
+            .any(|l| l.contains("key a ") && l.contains("a.pem.pub") && l.contains("conflict")),
+        "{run:?}"
+    );
+}
+
+#[test]
+fn a_rotation_rewrites_the_public_key_file_too() {
+    let sb = Sandbox::new();
+    sb.fake.add_key("a");
+    sb.manifest(
+        "  rotation_check: 0s\n",
+        "  a:\n    path: out/a.pem\n    public_key: true\n",
+    );
+    assert_eq!(sb.reconcile().code, 0);
+    sb.fake.rotate_key("a");
+    sb.fake.reset_stats();
+    let run = sb.reconcile();
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(sb.fake.stats().names_exported, 1);
+    let text = std::fs::read_to_string(sb.path("out/a.pem.pub")).unwrap();
+    assert_eq!(
+        key_fields(&text),
+        key_fields(&sb.fake.public_key("a").unwrap())
+    );
+}

@@ -118,6 +118,9 @@ pub struct KeySpec {
     pub encryption: Option<Encryption>,
     /// argv run once after the file changed; empty for none.
     pub on_change: Vec<String>,
+    /// Also write the key's public half here (`public_key: true` gives `PATH.pub`), mode
+    /// 0644, same owner and group.
+    pub public_key: Option<PathBuf>,
     /// Where the key is declared in the manifest, for error messages.
     pub line: usize,
 }

@@ -92,6 +92,7 @@ pub(super) struct RawDefaults {
     pub age_recipients_file: Option<Text>,
     pub armor: Option<bool>,
     pub on_change: Option<RawOnChange>,
+    pub public_key: Option<RawPublicKey>,
 }
 
 /// A key's long form.
@@ -106,6 +107,7 @@ pub(super) struct RawKeyLong {
     pub age_recipients_file: Option<Text>,
     pub armor: Option<bool>,
     pub on_change: Option<RawOnChange>,
+    pub public_key: Option<RawPublicKey>,
 }
 
 impl RawKeyLong {
@@ -119,6 +121,7 @@ impl RawKeyLong {
             age_recipients_file: self.age_recipients_file,
             armor: self.armor,
             on_change: self.on_change,
+            public_key: self.public_key,
         };
         (self.path, fields)
     }
@@ -202,6 +205,32 @@ impl<'de> Deserialize<'de> for RawMode {
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<RawMode, E> {
                 Ok(RawMode::Number(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `public_key:` as written: `true`/`false`, or the path of the public key file.
+#[derive(Debug, Clone)]
+pub(super) enum RawPublicKey {
+    Flag(bool),
+    Path(Text),
+}
+
+impl<'de> Deserialize<'de> for RawPublicKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawPublicKey;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("`true`, `false`, or the path of the public key file")
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<RawPublicKey, E> {
+                Ok(RawPublicKey::Flag(v))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawPublicKey, E> {
+                Ok(RawPublicKey::Path(Text(v.to_string())))
             }
         }
         d.deserialize_any(V)

@@ -951,6 +951,47 @@ fn armor_needs_recipients() {
 }
 
 #[test]
+fn public_key_true_is_beside_the_key_and_a_path_is_resolved() {
+    let m = ok(&with_head(
+        "defaults:\n  public_key: true\nkeys:\n  a: /k/a\n  b:\n    path: /k/b\n    public_key: pubs/b.pub\n  c:\n    path: /k/c\n    public_key: false\n",
+    ));
+    assert_eq!(key(&m, "a").public_key, Some(PathBuf::from("/k/a.pub")));
+    let dir = Path::new(MANIFEST).parent().unwrap();
+    assert_eq!(key(&m, "b").public_key, Some(dir.join("pubs/b.pub")));
+    assert_eq!(key(&m, "c").public_key, None);
+    assert_eq!(
+        key(&ok(&with_head("keys:\n  a: /k/a\n")), "a").public_key,
+        None
+    );
+}
+
+#[test]
+fn public_key_paths_must_not_collide() {
+    assert_problem(
+        &with_head("defaults:\n  public_key: /k/all.pub\nkeys:\n  a: /k/a\n"),
+        "6:15",
+        &["same public key file", "`public_key: true`"],
+    );
+    assert_problem(
+        &with_head("keys:\n  a: /k/a\n  b:\n    path: /k/b\n    public_key: /k/a\n"),
+        "7:3",
+        &["key `b` writes its public key to /k/a", "key `a`'s file"],
+    );
+    assert_problem(
+        &with_head(
+            "keys:\n  a:\n    path: /k/a\n    public_key: /k/x.pub\n  b:\n    path: /k/b\n    public_key: /k/x.pub\n",
+        ),
+        "9:3",
+        &["public key file too"],
+    );
+    assert_problem(
+        &with_head("keys:\n  a:\n    path: /k/a\n    public_key: 3\n"),
+        "8:17",
+        &["public key"],
+    );
+}
+
+#[test]
 fn on_change_must_be_a_list() {
     assert_problem(
         &with_head("keys:\n  a:\n    path: /k/a\n    on_change: systemctl reload nginx\n"),

@@ -13,8 +13,8 @@ use std::time::Duration;
 use super::error::{Location, Problem};
 use super::locate::{Seg, Target, locate, path, scan_key_lines};
 use super::raw::{
-    Present, RawAuth, RawDefaults, RawKey, RawKps, RawManifest, RawMode, RawOnChange, RawSettings,
-    Text,
+    Present, RawAuth, RawDefaults, RawKey, RawKps, RawManifest, RawMode, RawOnChange, RawPublicKey,
+    RawSettings, Text,
 };
 use super::regions;
 use super::rules::{HttpRule, check_url, normalize, parse_mode, valid_name, valid_region};
@@ -147,6 +147,16 @@ struct Fields {
     recipients_file: Option<Option<Vec<Recipient>>>,
     armor: Option<bool>,
     on_change: Option<Option<Vec<String>>>,
+    public_key: Option<Option<PublicKeyChoice>>,
+}
+
+/// Where the public half goes, as checked.
+#[derive(Clone)]
+enum PublicKeyChoice {
+    Off,
+    /// `PATH.pub`
+    Beside,
+    Path(PathBuf),
 }
 
 impl Checker<'_> {
@@ -341,6 +351,10 @@ impl Checker<'_> {
             .on_change
             .or_else(|| defaults.on_change.clone())
             .unwrap_or(Some(Vec::new()));
+        let public_key = own
+            .public_key
+            .or_else(|| defaults.public_key.clone())
+            .unwrap_or(Some(PublicKeyChoice::Off));
         // `armor: true` in defaults applies only where there are recipients (see module docs).
         let (armor, armor_from_key) = match (own.armor, defaults.armor) {
             (Some(a), _) => (a, a),
@@ -363,9 +377,20 @@ impl Checker<'_> {
             return None;
         }
         let encryption = (!recipients.is_empty()).then_some(Encryption { recipients, armor });
+        let file = file?;
+        let public_key = match public_key? {
+            PublicKeyChoice::Off => None,
+            PublicKeyChoice::Beside => {
+                let mut p = file.clone().into_os_string();
+                p.push(".pub");
+                Some(PathBuf::from(p))
+            }
+            PublicKeyChoice::Path(p) => Some(p),
+        };
         Some(KeySpec {
             name,
-            path: file?,
+            path: file,
+            public_key,
             mode: mode?,
             owner: owner?,
             group: group?,
@@ -462,6 +487,23 @@ impl Checker<'_> {
                 None
             }
         });
+        let in_defaults = base == path(&["defaults"]);
+        let public_key = raw.public_key.map(|p| match p {
+            RawPublicKey::Flag(false) => Some(PublicKeyChoice::Off),
+            RawPublicKey::Flag(true) => Some(PublicKeyChoice::Beside),
+            RawPublicKey::Path(_) if in_defaults => {
+                self.problem(
+                    at("public_key"),
+                    Target::Value,
+                    "a path in `defaults.public_key` would give every key the same public key \
+                     file: write `public_key: true` (each key's PATH.pub), or give paths per key",
+                );
+                None
+            }
+            RawPublicKey::Path(p) => self
+                .resolve(&p, at("public_key"), "public_key")
+                .map(PublicKeyChoice::Path),
+        });
         Fields {
             mode,
             owner,
@@ -470,6 +512,7 @@ impl Checker<'_> {
             recipients_file,
             armor,
             on_change,
+            public_key,
         }
     }
 
@@ -619,9 +662,12 @@ impl Checker<'_> {
     /// itself needs.
     fn reserved_paths(&mut self, specs: &[KeySpec], state_dir: &Path, manifest: &Path) {
         for spec in specs {
-            let what = if spec.path.starts_with(state_dir) {
+            let public = spec.public_key.as_deref();
+            let what = if spec.path.starts_with(state_dir)
+                || public.is_some_and(|p| p.starts_with(state_dir))
+            {
                 format!("inside state_dir {}", state_dir.display())
-            } else if spec.path == manifest {
+            } else if spec.path == manifest || public == Some(manifest) {
                 "the manifest itself".to_owned()
             } else {
                 continue;
@@ -636,11 +682,39 @@ impl Checker<'_> {
         }
     }
 
-    /// Two keys on one file would overwrite each other on every pass.
+    /// Two keys on one file would overwrite each other on every pass; so would a public key
+    /// file on a key's path or on another public key file.
     fn same_paths(&mut self, specs: &[KeySpec]) {
         let mut by_path: HashMap<&Path, &KeySpec> = HashMap::new();
         let mut ordered: Vec<&KeySpec> = specs.iter().collect();
         ordered.sort_by_key(|s| (s.line, s.name.clone()));
+        for spec in &ordered {
+            by_path.entry(spec.path.as_path()).or_insert(spec);
+        }
+        for spec in &ordered {
+            let Some(public) = &spec.public_key else {
+                continue;
+            };
+            if let Some(other) = by_path.get(public.as_path()) {
+                let message = format!(
+                    "key `{}` writes its public key to {}, which is {}: give it another \
+                     `public_key:` path",
+                    spec.name,
+                    public.display(),
+                    if other.name == spec.name && other.path == *public {
+                        "its own key file".to_owned()
+                    } else if other.public_key.as_deref() == Some(public.as_path()) {
+                        format!("key `{}`'s public key file too", other.name)
+                    } else {
+                        format!("key `{}`'s file", other.name)
+                    }
+                );
+                self.problem(path(&["keys", &spec.name]), Target::Key, message);
+            } else {
+                by_path.insert(public, spec);
+            }
+        }
+        let mut by_path: HashMap<&Path, &KeySpec> = HashMap::new();
         for spec in ordered {
             if let Some(first) = by_path.get(spec.path.as_path()) {
                 let message = format!(
