@@ -250,9 +250,17 @@ impl Observation {
         if self.key_candidates {
             return Some("files kps-sync did not write hold keys: adoption");
         }
-        if self
-            .state
-            .listing_due(manifest.settings.rotation_check, now)
+        // Only a key whose fingerprint is recorded can be seen to rotate.
+        let rotatable = self.desired.iter().any(|d| {
+            self.state
+                .files
+                .get(&d.name)
+                .is_some_and(|r| r.path == d.path && r.fingerprint.is_some())
+        });
+        if rotatable
+            && self
+                .state
+                .listing_due(manifest.settings.rotation_check, now)
         {
             return Some("rotation check due");
         }
