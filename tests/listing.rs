@@ -325,8 +325,10 @@ fn every_error_body_form_is_read_for_its_code_and_message() {
             "{form:?}: {line}"
         );
 
-        // A 403 in that form reads as the permission problem it is.
-        sb.fake.fail_next(1, 403);
+        // A 403 in that form reads as the permission problem it is. This pass lists first (a
+        // rotation check: keys are recorded now, never listed), and that 403 only costs the
+        // listing; the export's 403 fails the key.
+        sb.fake.fail_next(2, 403);
         sb.manifest("  verify_remote: false\n", &keys_yaml(&["a", "c"]));
         sb.fake.add_key("c");
         let run = sb.reconcile();
