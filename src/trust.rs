@@ -145,16 +145,16 @@ impl fmt::Display for Finding {
         for fault in &self.faults {
             match fault {
                 Fault::Owner => {
-                    wrong.push(format!("is owned by {owner}"));
-                    let chown = if self.facts.kind == Kind::Symlink {
-                        format!("chown -h {} {path}", self.me_name)
+                    wrong.push(format!("owned by {owner}"));
+                    let h = if self.facts.kind == Kind::Symlink {
+                        "-h "
                     } else {
-                        format!("chown {} {path}", self.me_name)
+                        ""
                     };
-                    fixes.push(chown);
+                    fixes.push(format!("chown {h}{} {path}", self.me_name));
                 }
-                Fault::GroupWritable => wrong.push("is writable by its group".into()),
-                Fault::OtherWritable => wrong.push("is writable by every user".into()),
+                Fault::GroupWritable => wrong.push("writable by its group".into()),
+                Fault::OtherWritable => wrong.push("writable by every user".into()),
             }
         }
         if self
@@ -164,13 +164,17 @@ impl fmt::Display for Finding {
         {
             fixes.push(format!("chmod go-w {path}"));
         }
+        let trusted = if self.me_name == "root" {
+            "root".to_owned()
+        } else {
+            format!("root or {}", self.me_name)
+        };
         write!(
             f,
-            "{path}: {what} {} (owner {owner}, mode {:04o}); kps-sync acts as {} on what it \
-             says, so only root or {} may be able to change it",
+            "{path}: {what} is {} (owner {owner}, mode {:04o}); kps-sync acts as {} on what it \
+             says, so only {trusted} may be able to change it",
             wrong.join(" and "),
             self.facts.mode,
-            self.me_name,
             self.me_name,
         )?;
         if self.place == Place::Above {

@@ -183,7 +183,7 @@ impl Checker<'_> {
                 );
                 *ok = false;
             } else if crate::hooks::is_credential(name) {
-                let why = if name.starts_with("KPS_SYNC_") {
+                let why = if name.starts_with("KPS_SYNC_") && name != "KPS_SYNC_AUTH_TOKEN" {
                     "kps-sync sets the `KPS_SYNC_*` variables a hook gets itself"
                 } else {
                     "it holds or leads to a KPS credential, which a hook never gets"
