@@ -88,8 +88,11 @@ fn a_world_writable_manifest_is_refused_by_reconcile_and_validate() {
     );
     let run = sb.run(&["validate"]);
     assert_refused(&sb, &run, &manifest, "0666", &fix);
+    let run = sb.run(&["check"]);
+    assert_refused(&sb, &run, &manifest, "0666", &fix);
     let run = sb.run(&["plan"]);
     assert_eq!(run.code, 2, "{run:?}");
+    assert_eq!(sb.fake.stats().list_calls, 0, "no KPS call at all");
 
     chmod(&manifest, 0o644);
     let run = sb.reconcile();
@@ -288,4 +291,39 @@ fn hook_env_cannot_list_a_credential() {
     let run = sb.reconcile();
     assert_eq!(run.code, 2, "{run:?}");
     assert_eq!(sb.fake.stats().batch_export_calls, 0);
+}
+
+#[test]
+fn a_writable_sdk_credentials_file_in_home_is_refused() {
+    let sb = Sandbox::new();
+    sb.fake.add_key("web");
+    let text = std::fs::read_to_string(
+        sb.manifest("", &format!("  web: {}\n", sb.path("keys/web").display())),
+    )
+    .unwrap()
+    .replace("  auth:\n    token_file: token\n", "");
+    sb.write_manifest(&text);
+    let dir = sb.path(".huaweicloud");
+    std::fs::create_dir(&dir).unwrap();
+    let file = dir.join("credentials");
+    std::fs::write(
+        &file,
+        format!("[basic]\nak = {}\nsk = {}\n", fake_kps::AK, fake_kps::SK),
+    )
+    .unwrap();
+    chmod(&file, 0o666);
+    for cmd in ["reconcile", "validate", "check"] {
+        let run = sb.run(&[cmd]);
+        assert_refused(
+            &sb,
+            &run,
+            &file,
+            "0666",
+            &format!("run `chmod go-w {}`", file.display()),
+        );
+        assert!(!run.all().contains(fake_kps::SK), "{run:?}");
+    }
+    chmod(&file, 0o600);
+    let run = sb.reconcile();
+    assert_eq!(run.code, 0, "{run:?}");
 }

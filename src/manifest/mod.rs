@@ -22,6 +22,12 @@
 //! line, `#` comments and blank lines skipped, like `age -R`); an empty one is an error, since
 //! the key would silently be written in the clear.
 //!
+//! Strict modes (`crate::trust`): [`load`] refuses a manifest that anyone but root or the user
+//! kps-sync runs as could change (the file or a folder above it) before reading it, and the
+//! validator refuses a `state_dir`, `ca_file`, recipients or credential file in the same case,
+//! each located at the line that names it. `settings.hook_env` may not list a credential
+//! variable (`hooks::is_credential`).
+//!
 //! Modes must be quoted strings of octal digits (`mode: "0600"`). serde_yaml reads YAML 1.2,
 //! where a bare `0600` is the string "0600", but YAML 1.1 tools read it as a number, so a bare
 //! mode is refused too, as are `600`, `0o600` and other numbers.
