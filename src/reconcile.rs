@@ -142,8 +142,19 @@ const MAX_CANDIDATE: u64 = 64 << 10;
 impl Observation {
     /// Read the state and look at every destination. Reads no credential, calls nothing.
     pub async fn read(manifest: &Manifest) -> Result<Observation, StateError> {
-        let state = State::load(&manifest.settings.state_dir)?;
+        let mut state = State::load(&manifest.settings.state_dir)?;
         let desired: Vec<Desired> = manifest.keys.iter().map(Desired::from).collect();
+        // Plain keys recorded by an older version, without the fingerprint rotation needs:
+        // read it from the file, once, while the file is still the one kps-sync wrote.
+        let unfingerprinted: Vec<(String, PathBuf, String)> = desired
+            .iter()
+            .filter(|d| d.recipients.is_none())
+            .filter_map(|d| {
+                let rec = state.files.get(&d.name)?;
+                (rec.path == d.path && rec.fingerprint.is_none() && rec.recipients.is_none())
+                    .then(|| (d.name.clone(), d.path.clone(), rec.sha256.clone()))
+            })
+            .collect();
         let paths: HashSet<PathBuf> = desired
             .iter()
             .flat_map(|d| std::iter::once(d.path.clone()).chain(d.public_key.clone()))
@@ -175,8 +186,17 @@ impl Observation {
             .values()
             .map(|r| (r.path.clone(), r.sha256.clone()))
             .collect();
-        let (observed, found, key_candidates) = tokio::task::spawn_blocking(move || {
+        let (observed, found, key_candidates, backfill) = tokio::task::spawn_blocking(move || {
             let observed = observe::observe_all(paths.iter().map(PathBuf::as_path));
+            let backfill: Vec<(String, String)> = unfingerprinted
+                .into_iter()
+                .filter_map(|(name, path, sha256)| match observed.get(&path) {
+                    Some(Observed::Regular(f)) if f.sha256 == sha256 => {
+                        Some((name, held_key(&path, &sha256)?))
+                    }
+                    _ => None,
+                })
+                .collect();
             let mut found: HashMap<PathBuf, String> = candidates
                 .into_iter()
                 .filter_map(|path| match observed.get(&path) {
@@ -197,10 +217,15 @@ impl Observation {
                     found.insert(path, fp);
                 }
             }
-            (observed, found, key_candidates)
+            (observed, found, key_candidates, backfill)
         })
         .await
         .expect("observe does not panic");
+        for (name, fingerprint) in backfill {
+            if let Some(rec) = state.files.get_mut(&name) {
+                rec.fingerprint = Some(fingerprint);
+            }
+        }
         Ok(Observation {
             state,
             desired,

@@ -491,3 +491,38 @@ fn a_rotation_rewrites_the_public_key_file_too() {
         key_fields(&sb.fake.public_key("a").unwrap())
     );
 }
+
+#[test]
+fn records_of_an_older_version_get_their_fingerprint_and_then_see_rotations() {
+    let sb = Sandbox::new();
+    sb.fake.add_key("a");
+    sb.manifest("  rotation_check: 0s\n", &keys_yaml(&["a"]));
+    assert_eq!(sb.reconcile().code, 0);
+    // As an older kps-sync left it: no fingerprint, no listing recorded.
+    let mut state = state_json(&sb);
+    let recorded = state["files"]["a"]["fingerprint"].take();
+    state.as_object_mut().unwrap().remove("last_listing");
+    std::fs::write(
+        sb.path("state/state.json"),
+        serde_json::to_vec(&state).unwrap(),
+    )
+    .unwrap();
+    assert!(recorded.is_string());
+    let before = identity(&sb.path("out/a.pem"));
+    let run = sb.reconcile();
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(state_json(&sb)["files"]["a"]["fingerprint"], recorded);
+    assert_eq!(
+        identity(&sb.path("out/a.pem")),
+        before,
+        "read, not rewritten"
+    );
+
+    let new_key = sb.fake.rotate_key("a").unwrap();
+    let run = sb.reconcile();
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(
+        std::fs::read_to_string(sb.path("out/a.pem")).unwrap(),
+        new_key
+    );
+}
