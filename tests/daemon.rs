@@ -586,3 +586,30 @@ fn a_removed_destination_folder_is_made_again_and_watched_again() {
     wait_in_place(&sb, &["a"]);
     d.wait_log("drift=2");
 }
+
+#[test]
+fn a_daemon_pass_sees_a_rotation_in_kps_with_no_file_changed_and_replaces_only_that_key() {
+    let sb = Sandbox::new();
+    sb.fake.add_key("a");
+    sb.fake.add_key("b");
+    sb.manifest(
+        "  interval: 1s\n  rotation_check: 0s\n",
+        &keys_yaml(&["a", "b"]),
+    );
+    let d = Daemon::start(&sb, &[]);
+    wait_in_place(&sb, &["a", "b"]);
+    d.wait_log("pass done");
+    let b_before = std::fs::metadata(sb.path("out/b.pem")).unwrap();
+    sb.fake.reset_stats();
+    sb.fake.rotate_key("a");
+    // Nothing on disk changed: only a listing (at the latest, the 1 s interval pass) shows it.
+    wait_in_place(&sb, &["a"]);
+    d.wait_log("action=\"rotate\"");
+    let stats = sb.fake.stats();
+    assert_eq!(stats.names_exported, 1, "only the rotated key: {stats:?}");
+    let b_after = std::fs::metadata(sb.path("out/b.pem")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::ino(&b_after),
+        std::os::unix::fs::MetadataExt::ino(&b_before)
+    );
+}
