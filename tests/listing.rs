@@ -372,6 +372,31 @@ fn public_key_true_writes_path_pub_0644_from_the_key_and_as_kps_lists_it() {
     }
     assert_eq!(sb.fake.stats().names_exported, 2, "one export per key");
     assert!(state_json(&sb)["files"]["a"]["public_key"]["sha256"].is_string());
+    // OpenSSH reads it, and it is the public half of the key written beside it.
+    if have_tool("ssh-keygen", "openssh-client") {
+        let derived = std::process::Command::new("ssh-keygen")
+            .args(["-y", "-f"])
+            .arg(sb.path("out/a.pem"))
+            .output()
+            .unwrap();
+        assert!(derived.status.success(), "{derived:?}");
+        let printed = std::process::Command::new("ssh-keygen")
+            .args(["-l", "-f"])
+            .arg(sb.path("out/a.pem.pub"))
+            .output()
+            .unwrap();
+        assert!(printed.status.success(), "{printed:?}");
+        let text = std::fs::read_to_string(sb.path("out/a.pem.pub")).unwrap();
+        assert_eq!(
+            key_fields(&text),
+            key_fields(&String::from_utf8_lossy(&derived.stdout))
+        );
+        let fingerprint = state_json(&sb)["files"]["a"]["fingerprint"].clone();
+        assert!(
+            String::from_utf8_lossy(&printed.stdout).contains(fingerprint.as_str().unwrap()),
+            "{printed:?} vs {fingerprint}"
+        );
+    }
     assert_eq!(sb.run(&["plan", "--detailed-exitcode"]).code, 0);
 }
 
