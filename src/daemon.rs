@@ -15,11 +15,17 @@
 //! - a manifest that does not load changes nothing: the last good manifest stays in force;
 //! - SIGTERM/SIGINT set the pass's shutdown flag (finish the file being written, start nothing
 //!   new) and the daemon exits 0 within [`STOP_GRACE`];
-//! - a failed pass is retried with a doubling backoff capped at `interval`; never a spin, never
-//!   an exit;
+//! - retries follow the failure's class: a transient one (429, 5xx, transport, a failed write)
+//!   is retried with a doubling backoff capped at `interval`; a permanent one (not found, not
+//!   hosted, frozen, conflict, mismatch) is held, not exported again, until the manifest
+//!   changes, SIGHUP, or the next `interval` pass; never a spin, never an exit;
+//! - the daemon's own writes never wake it: a file event is drift only if some managed file
+//!   there is no longer as the last pass left it (the bytes it recorded, the declared mode,
+//!   owner and group; or still missing after a failed export);
 //! - idle, the loop sleeps in `select!` until the next deadline: no polling unless
 //!   `watch: poll` asks for it.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,10 +40,11 @@ use crate::auth::Auth;
 use crate::commands::{self, EXIT_FAILED, EXIT_OK};
 use crate::kps::{KpsClient, RetryPolicy};
 use crate::manifest::{self, Manifest, Settings};
+use crate::observe::{self, Observed};
 use crate::plan::Change;
-use crate::reconcile::{self, PassError, PassOptions, PassReport};
+use crate::reconcile::{self, FailureClass, KeyFailure, PassError, PassOptions, PassReport};
 use crate::sdnotify::{self, Notifier};
-use crate::state;
+use crate::state::{self, State};
 use crate::watch::{Targets, Wake, Watcher};
 
 /// After SIGTERM, how long the pass in flight may take to finish the file it is writing. Past
@@ -109,6 +116,8 @@ pub async fn run(manifest_path: &Path) -> u8 {
         shutdown: Arc::new(AtomicBool::new(false)),
         drift: 0,
         backoff: Backoff::default(),
+        held: BTreeMap::new(),
+        drifted: BTreeSet::new(),
         last: None,
         manifest_rejected: false,
     };
@@ -184,6 +193,11 @@ struct Daemon {
     /// Managed files restored or fixed since start (deleted, altered, chmod/chown'ed by others).
     drift: u64,
     backoff: Backoff,
+    /// Keys whose last failure was permanent: not exported again until the manifest changes,
+    /// SIGHUP, or the next interval pass.
+    held: BTreeMap<String, KeyFailure>,
+    /// Paths file events named since the last pass; judged before a drift pass runs.
+    drifted: BTreeSet<PathBuf>,
     /// The last pass, for `STATUS=`.
     last: Option<LastPass>,
     /// The manifest on disk did not load; `STATUS=` says so until a good one does.
@@ -196,6 +210,11 @@ impl Daemon {
         let mut ready = false;
         // Each deadline below is `None` when nothing is pending.
         let mut next_full = Instant::now() + self.manifest.settings.interval;
+        // A transient failure's retry.
+        let mut retry_at: Option<Instant> = None;
+        // The next pass must run whatever the file events were (SIGHUP, a new manifest, lost
+        // events, a retry).
+        let mut forced = false;
         let mut soon = Debouncer::new(
             self.manifest.settings.debounce,
             self.manifest.settings.debounce,
@@ -216,7 +235,12 @@ impl Daemon {
 
         loop {
             let idle = running.is_none() && stop_by.is_none();
-            let pass_at = idle.then(|| soon.deadline().map_or(next_full, |s| s.min(next_full)));
+            let pass_at = idle.then(|| {
+                [soon.deadline(), retry_at]
+                    .into_iter()
+                    .flatten()
+                    .fold(next_full, Instant::min)
+            });
             tokio::select! {
                 _ = async {
                     tokio::select! {
@@ -238,6 +262,8 @@ impl Daemon {
                         reload = true;
                     } else {
                         self.check_manifest(true);
+                        self.held.clear();
+                        forced = true;
                         soon.fire_now();
                     }
                 }
@@ -245,17 +271,21 @@ impl Daemon {
                     Wake::Manifest => manifest_check.poke(),
                     Wake::Drift(path) => {
                         tracing::debug!(path = %path.display(), "change seen in a managed path");
+                        self.drifted.insert(path);
                         if running.is_some() { dirty = true } else { soon.poke() }
                     }
                     Wake::Rescan => {
                         tracing::info!("file events were lost; checking everything");
                         manifest_check.poke();
+                        forced = true;
                         if running.is_some() { dirty = true } else { soon.poke() }
                     }
                 },
                 _ = sleep_until(manifest_check.deadline()), if running.is_none() && stop_by.is_none() => {
                     manifest_check.clear();
                     if self.check_manifest(false) {
+                        self.held.clear();
+                        forced = true;
                         soon.fire_now();
                     }
                 }
@@ -264,17 +294,23 @@ impl Daemon {
                     if stop_by.is_some() {
                         break;
                     }
-                    let healthy = self.after_pass(joined);
                     let interval = self.manifest.settings.interval;
-                    let wait = if healthy {
-                        self.backoff.reset();
-                        interval
-                    } else {
-                        let wait = self.backoff.next(interval);
-                        tracing::info!(retry_in = %humantime::format_duration(wait), "the pass did not bring every key in place; retrying");
-                        wait
+                    retry_at = match self.after_pass(joined) {
+                        Verdict::Healthy => {
+                            self.backoff.reset();
+                            None
+                        }
+                        Verdict::Permanent => {
+                            self.backoff.reset();
+                            tracing::info!(keys = self.held.len(), retry_in = %humantime::format_duration(next_full.saturating_duration_since(Instant::now())), "keys failed for a reason retrying will not fix; retrying them at the next interval or when the manifest changes");
+                            None
+                        }
+                        Verdict::Transient => {
+                            let wait = self.backoff.next(interval);
+                            tracing::info!(retry_in = %humantime::format_duration(wait), "the pass did not bring every key in place; retrying");
+                            Some(Instant::now() + wait)
+                        }
                     };
-                    next_full = Instant::now() + wait;
                     let status = sdnotify::status(&self.status_text());
                     if ready {
                         self.notify(&status);
@@ -286,6 +322,8 @@ impl Daemon {
                     self.watcher.set_targets(self.targets());
                     if std::mem::take(&mut reload) {
                         self.check_manifest(true);
+                        self.held.clear();
+                        forced = true;
                         soon.fire_now();
                     }
                     if std::mem::take(&mut dirty) {
@@ -294,6 +332,19 @@ impl Daemon {
                 }
                 _ = sleep_until(pass_at), if pass_at.is_some() => {
                     soon.clear();
+                    let now = Instant::now();
+                    let full = now >= next_full;
+                    let retry = retry_at.is_some_and(|r| now >= r);
+                    let drifted = std::mem::take(&mut self.drifted);
+                    if !full && !retry && !std::mem::take(&mut forced) && self.all_own_writes(&drifted) {
+                        tracing::debug!(paths = drifted.len(), "file events were our own writes; no pass");
+                        continue;
+                    }
+                    if full {
+                        self.held.clear();
+                        next_full = now + self.manifest.settings.interval;
+                    }
+                    retry_at = None;
                     running = Some(self.start_pass());
                 }
                 _ = sleep_until(stop_by), if stop_by.is_some() => {
@@ -325,13 +376,14 @@ impl Daemon {
         let client = self.client.clone();
         let options = PassOptions {
             shutdown: Some(self.shutdown.clone()),
+            held: self.held.clone(),
             ..PassOptions::default()
         };
         tokio::spawn(async move { reconcile::reconcile_once(&manifest, &client, &options).await })
     }
 
-    /// Log and count what the pass did; `false` when it should be retried.
-    fn after_pass(&mut self, joined: PassResult) -> bool {
+    /// Log and count what the pass did, remember its permanent failures, and say how to retry.
+    fn after_pass(&mut self, joined: PassResult) -> Verdict {
         let at = state::now_rfc3339();
         let report = match joined {
             Ok(Ok(report)) => report,
@@ -341,7 +393,7 @@ impl Daemon {
                     at,
                     message: e.to_string(),
                 });
-                return false;
+                return Verdict::Transient;
             }
             Err(e) => {
                 tracing::error!(error = %e, "the pass stopped abnormally");
@@ -349,7 +401,7 @@ impl Daemon {
                     at,
                     message: "the pass stopped abnormally; see the log".into(),
                 });
-                return false;
+                return Verdict::Transient;
             }
         };
         for o in &report.outcomes {
@@ -393,7 +445,51 @@ impl Daemon {
             failed: report.failed,
             failed_keys,
         });
-        report.failed == 0
+        self.held = report
+            .outcomes
+            .iter()
+            .filter(|o| o.change.needs_export())
+            .filter_map(|o| match &o.result {
+                Err(f) if f.class == FailureClass::Permanent => Some((o.key.clone(), f.clone())),
+                _ => None,
+            })
+            .collect();
+        verdict(&report)
+    }
+
+    /// Were the file events at `paths` all our own writes? Each managed file at or directly
+    /// under each path must be as the last pass left it: the bytes the state records with the
+    /// declared mode, owner and group, or still missing with no record (its export failed).
+    /// Anything else, or a path that is no managed file nor its folder, is drift.
+    fn all_own_writes(&self, paths: &BTreeSet<PathBuf>) -> bool {
+        if paths.is_empty() {
+            return false;
+        }
+        let Ok(state) = State::load(&self.manifest.settings.state_dir) else {
+            return false;
+        };
+        paths.iter().all(|path| {
+            let mut keys = self
+                .manifest
+                .keys
+                .iter()
+                .filter(|k| k.path == *path || k.path.parent() == Some(path.as_path()))
+                .peekable();
+            keys.peek().is_some()
+                && keys.all(|k| {
+                    let recorded = state.files.get(&k.name).filter(|r| r.path == k.path);
+                    match observe::observe(&k.path) {
+                        Observed::Regular(f) => {
+                            recorded.is_some_and(|r| r.sha256 == f.sha256)
+                                && f.mode == k.mode
+                                && k.owner.as_ref().is_none_or(|o| o.id == f.uid)
+                                && k.group.as_ref().is_none_or(|g| g.id == f.gid)
+                        }
+                        Observed::Missing => recorded.is_none(),
+                        _ => false,
+                    }
+                })
+        })
     }
 
     fn status_text(&self) -> String {
@@ -504,6 +600,37 @@ fn poll_every(settings: &Settings) -> Duration {
 /// SHA-256 of the manifest's bytes, through any symlinks (a `..data` swap changes them).
 pub fn manifest_hash(path: &Path) -> std::io::Result<[u8; 32]> {
     Ok(Sha256::digest(std::fs::read(path)?).into())
+}
+
+/// How the daemon follows up a pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Every key in place: next, the interval.
+    Healthy,
+    /// Only permanent failures: held until the manifest changes or the next interval.
+    Permanent,
+    /// A transient failure (or the pass itself failed): retry with backoff.
+    Transient,
+}
+
+/// The follow-up a pass report calls for. Hook failures do not count: their keys are in place
+/// and a retry would not run the hook again.
+pub fn verdict(report: &PassReport) -> Verdict {
+    let failures: Vec<&KeyFailure> = report
+        .outcomes
+        .iter()
+        .filter_map(|o| o.result.as_ref().err())
+        .collect();
+    if report.interrupted
+        || failures.iter().any(|f| f.class == FailureClass::Transient)
+        || report.failed > failures.len()
+    {
+        Verdict::Transient
+    } else if report.failed > 0 || !failures.is_empty() {
+        Verdict::Permanent
+    } else {
+        Verdict::Healthy
+    }
 }
 
 /// The last pass as `STATUS=` shows it.

@@ -83,6 +83,8 @@ enum Shell {
 }
 
 fn main() -> ExitCode {
+    // Before anything is read: keys and credentials pass through this process's memory.
+    let hygiene = no_core_dumps();
     let cli = Cli::parse();
     match cli.command {
         Command::Completions { shell } => return completions(shell),
@@ -103,6 +105,11 @@ fn main() -> ExitCode {
     kps_sync::progress::enable(
         matches!(cli.log_format, LogFormat::Text) && std::io::stderr().is_terminal(),
     );
+    if let Err(e) = hygiene {
+        tracing::warn!(
+            "cannot turn core dumps off ({e}); a crash could write key material to a core file"
+        );
+    }
     let manifest = cli
         .manifest
         .unwrap_or_else(kps_sync::manifest::default_path);
@@ -160,4 +167,20 @@ fn print_bytes(bytes: &[u8]) -> ExitCode {
             ExitCode::from(commands::EXIT_FAILED)
         }
     }
+}
+
+/// No core file, and no ptrace or `/proc/PID/mem` reading by other processes of the same user:
+/// a crash or a debugger must not copy keys out of memory. `RLIMIT_CORE` 0/0 also covers a
+/// core pattern piped to a helper (systemd-coredump), which `PR_SET_DUMPABLE` 0 alone stops too;
+/// the hard limit makes it irreversible for this process and its hooks.
+fn no_core_dumps() -> nix::Result<()> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    nix::sys::prctl::set_dumpable(false)?;
+    setrlimit(Resource::RLIMIT_CORE, 0, 0).or_else(|e| {
+        // A seccomp filter may refuse the call where the unit's LimitCORE=0 already did it.
+        match getrlimit(Resource::RLIMIT_CORE)? {
+            (0, 0) => Ok(()),
+            _ => Err(e),
+        }
+    })
 }

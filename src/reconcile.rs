@@ -32,9 +32,21 @@ use crate::state::{self, ErrorRecord, FileRecord, PassRecord, PublicRecord, Stat
 use crate::write::{FileMeta, Prior};
 use crate::{encrypt, hooks, keys, write};
 
+/// Whether trying again soon can help; drives the daemon's retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureClass {
+    /// 429, 5xx, transport, credentials that could not be fetched, a write that failed: retry
+    /// with backoff.
+    Transient,
+    /// Not found, not hosted, frozen, conflict, not a key, mismatch, a refused archive: the
+    /// same request would fail the same way; retry when the manifest changes or at `interval`.
+    Permanent,
+}
+
 /// Why one key is not in place after the pass.
 #[derive(Debug, Clone)]
 pub struct KeyFailure {
+    pub class: FailureClass,
     /// `KPS.6004`, `archive`, `not-a-key`, `write`, `conflict`, ...
     pub code: String,
     /// One line: what went wrong and what to do. Never key material.
@@ -101,6 +113,9 @@ pub struct PassOptions {
     pub check_rotation: bool,
     /// The live progress line of a `reconcile` at a terminal (off by default).
     pub progress: crate::progress::Progress,
+    /// Keys not to export in this pass, with the permanent failure they keep reporting (the
+    /// daemon holds them until the manifest changes or the next interval pass).
+    pub held: BTreeMap<String, KeyFailure>,
 }
 
 impl PassOptions {
@@ -430,15 +445,18 @@ async fn pass(
             result: Ok(()),
         };
         match &action.change {
-            c if c.needs_export() => {
-                to_export.push(Job::new(specs[action.key.as_str()], action, true, None));
-                continue;
-            }
+            c if c.needs_export() => match options.held.get(&action.key) {
+                Some(held) => outcome.result = Err(held.clone()),
+                None => {
+                    to_export.push(Job::new(specs[action.key.as_str()], action, true, None));
+                    continue;
+                }
+            },
             Change::FixMeta => {
                 let spec = specs[action.key.as_str()];
                 let seen = action.seen.as_deref().unwrap_or_default();
                 outcome.result = write::fix_meta(&spec.path, Desired::from(spec).meta, seen)
-                    .map_err(|e| failure("write", e.to_string()));
+                    .map_err(|e| KeyFailure::transient("write", e.to_string()));
                 if outcome.result.is_ok() {
                     tracing::info!(key = %action.key, path = %action.path.display(), "fixed mode/owner/group");
                 }
@@ -454,7 +472,7 @@ async fn pass(
                 let seen = action.seen.clone().unwrap_or_default();
                 if *fix_meta {
                     outcome.result = write::fix_meta(&spec.path, Desired::from(spec).meta, &seen)
-                        .map_err(|e| failure("write", e.to_string()));
+                        .map_err(|e| KeyFailure::transient("write", e.to_string()));
                 }
                 if outcome.result.is_ok() {
                     tracing::info!(key = %action.key, path = %action.path.display(), "adopted: the file holds the key KPS lists; recorded as managed, not rewritten");
@@ -659,10 +677,21 @@ async fn pass(
     })
 }
 
+/// A permanent failure; see [`KeyFailure::transient`] for the others.
 fn failure(code: &str, message: String) -> KeyFailure {
     KeyFailure {
+        class: FailureClass::Permanent,
         code: code.to_owned(),
         message,
+    }
+}
+
+impl KeyFailure {
+    fn transient(code: &str, message: String) -> KeyFailure {
+        KeyFailure {
+            class: FailureClass::Transient,
+            ..failure(code, message)
+        }
     }
 }
 
@@ -798,7 +827,8 @@ fn public_key_file(
                 ..Desired::from(spec).meta
             };
             let fixed = if *fix_meta {
-                write::fix_meta(path, meta, &seen).map_err(|e| failure("write", e.to_string()))
+                write::fix_meta(path, meta, &seen)
+                    .map_err(|e| KeyFailure::transient("write", e.to_string()))
             } else {
                 Ok(())
             };
@@ -932,7 +962,7 @@ async fn export_and_write(
                         if options.stopping() {
                             return (
                                 job,
-                                Err(failure(
+                                Err(KeyFailure::transient(
                                     "shutdown",
                                     "not written: kps-sync is stopping".into(),
                                 )),
@@ -1002,7 +1032,16 @@ async fn export_and_write(
 }
 
 fn export_failure(e: &ExportError) -> KeyFailure {
-    failure(&e.code(), e.to_string())
+    let class = match e {
+        ExportError::Kps(k) if k.is_retryable() || k.class == crate::kps::Class::Credentials => {
+            FailureClass::Transient
+        }
+        _ => FailureClass::Permanent,
+    };
+    KeyFailure {
+        class,
+        ..failure(&e.code(), e.to_string())
+    }
 }
 
 /// Verify against the listing, encrypt where asked, and write one key. Runs on a blocking
@@ -1026,12 +1065,11 @@ fn place(
         Some(sha256) => Prior::Sha256(sha256),
         None => Prior::Absent,
     };
-    write::write_atomic(&spec.path, bytes.expose(), meta, prior).map_err(|e| {
-        let code = match e {
-            write::WriteError::Changed { .. } | write::WriteError::Symlink { .. } => "conflict",
-            _ => "write",
-        };
-        failure(code, e.to_string())
+    write::write_atomic(&spec.path, bytes.expose(), meta, prior).map_err(|e| match e {
+        write::WriteError::Changed { .. } | write::WriteError::Symlink { .. } => {
+            failure("conflict", e.to_string())
+        }
+        _ => KeyFailure::transient("write", e.to_string()),
     })?;
     Ok(FileRecord {
         path: spec.path.clone(),

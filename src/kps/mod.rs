@@ -7,6 +7,7 @@
 
 mod error;
 pub mod export;
+pub mod rate;
 
 pub use error::{Class, KpsError};
 
@@ -17,7 +18,6 @@ use std::time::{Duration, Instant};
 
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
-use tokio::sync::Mutex;
 use zeroize::Zeroizing;
 
 use crate::auth::Auth;
@@ -140,8 +140,9 @@ pub struct KpsClient {
     base: String,
     auth: Arc<Auth>,
     retry: RetryPolicy,
-    /// `settings.max_rps`: the earliest instant the next request may start.
-    pacer: Option<(Duration, Mutex<Instant>)>,
+    /// Every request waits its turn here: slow start, adaptive pacing after a 429,
+    /// `Retry-After`, and `settings.max_rps` as a ceiling.
+    limiter: rate::Limiter,
 }
 
 impl KpsClient {
@@ -181,18 +182,12 @@ impl KpsClient {
         let http = builder
             .build()
             .map_err(|e| format!("cannot set up the HTTP client: {e}"))?;
-        let pacer = settings.max_rps.map(|rps| {
-            (
-                Duration::from_secs_f64(1.0 / rps),
-                Mutex::new(Instant::now()),
-            )
-        });
         Ok(KpsClient {
             http,
             base: format!("{}/v3/{}/keypairs", kps.endpoint, kps.project_id),
             auth,
             retry,
-            pacer,
+            limiter: rate::Limiter::new(settings.max_rps),
         })
     }
 
@@ -317,15 +312,24 @@ impl KpsClient {
         let mut refreshed = false;
         loop {
             attempt += 1;
-            self.pace().await;
+            let permit = self.limiter.acquire().await;
             let result = self
                 .send_once(operation, &method, &url, body.as_deref(), cap)
                 .await;
             count_request(operation, &result);
             let (mut err, retry_after) = match result {
-                Ok(bytes) => return Ok(bytes),
+                Ok(bytes) => {
+                    permit.success();
+                    return Ok(bytes);
+                }
                 Err(e) => e,
             };
+            if err.class == Class::Throttled {
+                // The limiter holds every request of this client for Retry-After and slows down.
+                permit.throttled(retry_after);
+            } else {
+                drop(permit);
+            }
             if err.class == Class::Unauthorized && !refreshed {
                 refreshed = true;
                 tracing::info!(operation, request_id = ?err.request_id, "KPS answered 401; reading the credentials again and retrying once");
@@ -348,7 +352,9 @@ impl KpsClient {
                 return Err(err);
             }
             tracing::warn!(operation, attempt, code = %err.code_label(), request_id = ?err.request_id, delay_ms = delay.as_millis() as u64, "KPS call failed; retrying");
-            tokio::time::sleep(delay).await;
+            if err.class != Class::Throttled {
+                tokio::time::sleep(delay).await;
+            }
         }
     }
 
@@ -400,8 +406,7 @@ impl KpsClient {
             .headers()
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(|s| Duration::from_secs(s.min(60)));
+            .and_then(|v| rate::parse_retry_after(v, std::time::SystemTime::now()));
         let body = read_capped(&mut response, cap).await.map_err(|e| match e {
             ReadError::TooLarge => (
                 KpsError {
@@ -431,10 +436,9 @@ impl KpsClient {
 
     fn backoff(&self, attempt: u32, class: Class, retry_after: Option<Duration>) -> Duration {
         if class == Class::Throttled {
-            // Retry-After as asked, else 2 to 5 s; jitter spreads a fleet's retries.
-            let base = retry_after.unwrap_or(Duration::from_secs(2));
-            let jitter = if retry_after.is_some() { 500 } else { 3000 };
-            return base + Duration::from_millis(fastrand::u64(0..=jitter));
+            // The limiter already holds the retry for Retry-After (or 1 s) plus jitter; this
+            // only counts that wait against the retry budget.
+            return retry_after.unwrap_or(Duration::from_secs(1));
         }
         let exp = self
             .retry
@@ -444,21 +448,6 @@ impl KpsClient {
         // Full jitter, never below a tenth of the step.
         let floor = exp.as_millis() as u64 / 10;
         Duration::from_millis(fastrand::u64(floor..=exp.as_millis() as u64))
-    }
-
-    async fn pace(&self) {
-        if let Some((step, next)) = &self.pacer {
-            let wait = {
-                let mut next = next.lock().await;
-                let now = Instant::now();
-                let start = (*next).max(now);
-                *next = start + *step;
-                start - now
-            };
-            if !wait.is_zero() {
-                tokio::time::sleep(wait).await;
-            }
-        }
     }
 }
 
