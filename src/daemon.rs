@@ -118,6 +118,7 @@ pub async fn run(manifest_path: &Path) -> u8 {
         backoff: Backoff::default(),
         held: BTreeMap::new(),
         drifted: BTreeSet::new(),
+        settled: Vec::new(),
         last: None,
         manifest_rejected: false,
     };
@@ -198,6 +199,8 @@ struct Daemon {
     held: BTreeMap<String, KeyFailure>,
     /// Paths file events named since the last pass; judged before a drift pass runs.
     drifted: BTreeSet<PathBuf>,
+    /// Paths of the keys the last pass left in place.
+    settled: Vec<PathBuf>,
     /// The last pass, for `STATUS=`.
     last: Option<LastPass>,
     /// The manifest on disk did not load; `STATUS=` says so until a good one does.
@@ -320,6 +323,15 @@ impl Daemon {
                     }
                     // The pass may have made missing folders: watch them now.
                     self.watcher.set_targets(self.targets());
+                    if self.watcher.is_polling() {
+                        // Polling takes its baseline now, after the pass: a file changed while
+                        // the pass was ending would never differ from it. Look once at every
+                        // key the pass left in place.
+                        self.drifted.extend(std::mem::take(&mut self.settled));
+                        if !self.drifted.is_empty() {
+                            soon.poke();
+                        }
+                    }
                     if std::mem::take(&mut reload) {
                         self.check_manifest(true);
                         self.held.clear();
@@ -445,6 +457,14 @@ impl Daemon {
             failed: report.failed,
             failed_keys,
         });
+        let managed: std::collections::HashSet<&str> =
+            self.manifest.keys.iter().map(|k| k.name.as_str()).collect();
+        self.settled = report
+            .outcomes
+            .iter()
+            .filter(|o| o.result.is_ok() && managed.contains(o.key.as_str()))
+            .map(|o| o.path.clone())
+            .collect();
         self.held = report
             .outcomes
             .iter()
@@ -468,15 +488,18 @@ impl Daemon {
         let Ok(state) = State::load(&self.manifest.settings.state_dir) else {
             return false;
         };
+        // Each managed file by its own path and by its folder's.
+        let mut by_path: std::collections::HashMap<&Path, Vec<&manifest::KeySpec>> =
+            std::collections::HashMap::new();
+        for k in &self.manifest.keys {
+            by_path.entry(k.path.as_path()).or_default().push(k);
+            if let Some(dir) = k.path.parent() {
+                by_path.entry(dir).or_default().push(k);
+            }
+        }
         paths.iter().all(|path| {
-            let mut keys = self
-                .manifest
-                .keys
-                .iter()
-                .filter(|k| k.path == *path || k.path.parent() == Some(path.as_path()))
-                .peekable();
-            keys.peek().is_some()
-                && keys.all(|k| {
+            by_path.get(path.as_path()).is_some_and(|keys| {
+                keys.iter().all(|k| {
                     let recorded = state.files.get(&k.name).filter(|r| r.path == k.path);
                     match observe::observe(&k.path) {
                         Observed::Regular(f) => {
@@ -489,6 +512,7 @@ impl Daemon {
                         _ => false,
                     }
                 })
+            })
         })
     }
 
