@@ -1,6 +1,5 @@
 //! `fake-kps [--port N] [--keys a,b,c] [--latency-ms N] [--rate-limit N] [--help]`: serves the fake
-//! on 127.0.0.1 until
-//! killed, after printing `KEY=VALUE` lines a script can source.
+//! on 127.0.0.1 until killed, after printing `KEY=VALUE` lines a script can source.
 
 use std::time::Duration;
 
