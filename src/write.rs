@@ -10,7 +10,8 @@
 //! Invariants:
 //! - a destination's folder is reached by walking from `/` one component at a time with
 //!   `O_NOFOLLOW | O_DIRECTORY` (`O_PATH` on the way, so a folder one may only traverse is
-//!   fine). A symlink on the way is followed only if it and the folder holding it are both
+//!   fine), or in one `openat2` call with `RESOLVE_NO_SYMLINKS` when the path has no symlink
+//!   and the kernel has it. A symlink on the way is followed only if it and the folder holding it are both
 //!   owned by root (systemd's `CHASE_SAFE`); any other symlink stops the operation with an
 //!   error naming it. Nothing an unprivileged user owns can steer the walk out of the tree
 //!   they already own;
@@ -44,7 +45,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 
-use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags, RenameFlags};
+use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags, RenameFlags, ResolveFlags};
 use rustix::io::Errno;
 
 use crate::observe::{self, Observed};
@@ -338,6 +339,20 @@ fn open_folder(dir: &Path, create: Option<FileMeta>) -> Result<OwnedFd, Reach> {
     }
     let step = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let root = rfs::open("/", step, Mode::empty()).map_err(|e| open_err(Path::new("/"), e))?;
+    // The common case in one call: `openat2` with RESOLVE_NO_SYMLINKS follows no symlink at
+    // all, so it gives the same guarantee as the walk. Anything else (a symlink on the way, a
+    // missing folder, a kernel before 5.6) takes the walk below, which decides and reports.
+    let relative = dir.strip_prefix("/").unwrap_or(dir);
+    let relative = if relative.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        relative
+    };
+    let resolve = ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+    let whole = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    if let Ok(fd) = rfs::openat2(&root, relative, whole, Mode::empty(), resolve) {
+        return Ok(fd);
+    }
     // The folders walked so far, `/` first, so `..` steps back without a lookup.
     let mut walked: Vec<OwnedFd> = vec![root];
     // Where the walk is, for messages.
