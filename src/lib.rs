@@ -2,8 +2,9 @@
 //! where a YAML manifest says, and nowhere else.
 //!
 //! Data flows one way, one module per step:
-//! `manifest` -> `plan` (with `observe` and `state`) -> `kps` (export) -> `archive` (unpack,
-//! check) -> `encrypt` -> `write` -> `state` -> `hooks`. `reconcile` runs one pass over them.
+//! `manifest` -> `plan` (with `observe` and `state`) -> `kps` (export) -> `archive` (unpack)
+//! -> `encrypt` -> `write` -> `state` -> `hooks`. `reconcile` runs one pass over them; `keys` is
+//! the one parser of key text that the archive, the export and the writer call.
 
 #![forbid(unsafe_code)]
 

@@ -295,3 +295,25 @@ fn a_key_other_than_the_listed_one_is_not_written_and_the_old_file_stays() {
         assert!(!run.all().contains("BEGIN"), "no key text in any output");
     }
 }
+
+#[test]
+fn names_missing_from_several_batches_warn_once() {
+    if !have_tool("ssh-keygen", "openssh-client") {
+        return;
+    }
+    let (sb, names) = sandbox(25);
+    sb.fake.set_hostile(Some(fake_kps::Hostile::MissingName));
+    let run = sb.reconcile();
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_landed(&sb, &names);
+    let stats = sb.fake.stats();
+    assert_eq!(stats.batch_export_calls, 3, "{stats:?}");
+    assert_eq!(stats.single_export_calls, 3, "{stats:?}");
+    let warnings = fallback_warnings(&run);
+    assert_eq!(warnings.len(), 1, "three batches, one warning: {run:?}");
+    assert!(
+        warnings[0].contains("a name was missing from the batch zip (3 names)"),
+        "{}",
+        warnings[0]
+    );
+}

@@ -68,13 +68,19 @@ fn openssh(blob: &[u8]) -> Result<KeyData, KeyError> {
         KeypairData::Ed25519(_) | KeypairData::Ecdsa(_) | KeypairData::Rsa(_) => {
             Ok(key.public_key().key_data().clone())
         }
-        other => Err(unsupported(
-            kind,
-            other
-                .algorithm()
-                .map(|a| a.to_string())
-                .unwrap_or_else(|_| "unknown".into()),
-        )),
+        other => {
+            // The name comes from the input: shown only when it looks like an algorithm name.
+            let name = other.algorithm().map(|a| a.to_string()).ok();
+            let shown = name
+                .filter(|n| {
+                    n.len() <= 64
+                        && n.bytes().all(|b| {
+                            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'@' | b'_')
+                        })
+                })
+                .unwrap_or_else(|| "unknown".into());
+            Err(unsupported(kind, shown))
+        }
     }
 }
 

@@ -231,3 +231,83 @@ async fn export_one(client: &KpsClient, name: &str) -> Result<PrivateKey, Export
     let text = client.export(name).await.map_err(ExportError::Kps)?;
     PrivateKey::parse(text.expose().as_bytes()).map_err(ExportError::Key)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::archive::EntryName;
+
+    #[test]
+    fn every_refusal_and_gap_has_a_reason_with_a_distinct_label() {
+        let entry = || EntryName("a.pem".into());
+        let key = || Some("a".to_string());
+        let problems = [
+            (Problem::NotAZip, "not_a_zip"),
+            (
+                Problem::Corrupt {
+                    entry: None,
+                    detail: String::new(),
+                },
+                "damaged",
+            ),
+            (Problem::ZipTooLarge { size: 2, limit: 1 }, "too_large"),
+            (Problem::TooManyEntries { count: 2, limit: 1 }, "too_large"),
+            (Problem::Zip64, "unsupported"),
+            (
+                Problem::Traversal {
+                    entry: entry(),
+                    key: key(),
+                },
+                "hostile",
+            ),
+            (
+                Problem::Symlink {
+                    entry: entry(),
+                    key: key(),
+                },
+                "hostile",
+            ),
+            (
+                Problem::Encrypted {
+                    entry: entry(),
+                    key: key(),
+                },
+                "hostile",
+            ),
+            (
+                Problem::Unmatched {
+                    entry: entry(),
+                    listed: true,
+                },
+                "unmatched",
+            ),
+            (
+                Problem::Duplicate {
+                    key: key(),
+                    first: entry(),
+                    second: entry(),
+                },
+                "duplicate",
+            ),
+            (
+                Problem::PublicMismatch {
+                    entry: entry(),
+                    key: "a".into(),
+                },
+                "mismatch",
+            ),
+        ];
+        for (problem, label) in problems {
+            assert_eq!(
+                FallbackReason::of_problem(&problem).as_str(),
+                label,
+                "{problem:?}"
+            );
+        }
+        assert_eq!(
+            FallbackReason::of_gap(Gap::Missing).as_str(),
+            "missing_name"
+        );
+        assert_eq!(FallbackReason::of_gap(Gap::NotAKey).as_str(), "not_a_key");
+    }
+}
