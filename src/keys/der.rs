@@ -15,6 +15,7 @@ use pkcs8::ObjectIdentifier;
 use pkcs8::der::{Decode, asn1::OctetStringRef};
 use ssh_key::public::{EcdsaPublicKey, Ed25519PublicKey, KeyData, RsaPublicKey};
 use ssh_key::{Mpint, private::Ed25519PrivateKey, private::KeypairData};
+use zeroize::Zeroizing;
 
 use super::KeyKind;
 use super::error::{KeyError, Label};
@@ -52,7 +53,11 @@ pub(super) fn public_key(kind: KeyKind, der: &[u8]) -> Result<KeyData, KeyError>
 
 fn openssh(blob: &[u8]) -> Result<KeyData, KeyError> {
     let kind = KeyKind::OpenSsh;
-    let key = ssh_key::PrivateKey::from_bytes(blob).map_err(|e| match e {
+    let key = ssh_key::PrivateKey::from_bytes(blob).or_else(|e| match widen_ecdsa_scalar(blob) {
+        Some(wide) => ssh_key::PrivateKey::from_bytes(&wide),
+        None => Err(e),
+    });
+    let key = key.map_err(|e| match e {
         ssh_key::Error::Crypto | ssh_key::Error::PublicKey => damaged(
             kind,
             "its private and public halves do not match, or its check numbers differ",
@@ -179,4 +184,94 @@ fn sec1(kind: KeyKind, der: &[u8], curve: Option<ObjectIdentifier>) -> Result<Ke
         ));
     }
     Ok(KeyData::Ecdsa(public))
+}
+
+/// A reader of the SSH wire format: big-endian u32, and strings prefixed by their u32 length.
+struct Wire<'a>(&'a [u8]);
+
+impl<'a> Wire<'a> {
+    fn u32(&mut self) -> Option<u32> {
+        let (head, rest) = self.0.split_first_chunk::<4>()?;
+        self.0 = rest;
+        Some(u32::from_be_bytes(*head))
+    }
+
+    fn string(&mut self) -> Option<&'a [u8]> {
+        let len = self.u32()? as usize;
+        let s = self.0.get(..len)?;
+        self.0 = &self.0[len..];
+        Some(s)
+    }
+}
+
+fn put_string(out: &mut Vec<u8>, s: &[u8]) {
+    out.extend_from_slice(&(s.len() as u32).to_be_bytes());
+    out.extend_from_slice(s);
+}
+
+/// ssh-key 0.6 reads an ECDSA private scalar only at the curve's full width (32, 48 or 66
+/// bytes), but OpenSSH writes it as an mpint, without leading zeros: about one P-521 key in six
+/// (and one P-256 or P-384 key in 256) has a shorter one. Such an unencrypted blob is rebuilt
+/// with the scalar at full width and the padding redone, for ssh-key to check; what kps-sync
+/// writes is still the blob as KPS sent it. `None` when there is nothing to widen.
+fn widen_ecdsa_scalar(blob: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+    const MAGIC: &[u8] = b"openssh-key-v1\0";
+    let mut r = Wire(blob.strip_prefix(MAGIC)?);
+    if r.string()? != b"none" {
+        return None;
+    }
+    r.string()?; // kdf
+    r.string()?; // kdf options
+    r.u32()?; // number of keys (ssh-key checks it)
+    let header = blob.len() - r.0.len();
+    let public = r.string()?;
+    let private = r.string()?;
+    let mut p = Wire(private);
+    let (check1, check2) = (p.u32()?, p.u32()?);
+    let key_type = p.string()?;
+    let width = match key_type {
+        b"ecdsa-sha2-nistp256" => 32,
+        b"ecdsa-sha2-nistp384" => 48,
+        b"ecdsa-sha2-nistp521" => 66,
+        _ => return None,
+    };
+    let (curve, point, scalar, comment) = (p.string()?, p.string()?, p.string()?, p.string()?);
+    // What follows the comment must be the padding OpenSSH writes, as ssh-key would check.
+    let padding_ok = p.0.len() < 8
+        && p.0
+            .iter()
+            .enumerate()
+            .all(|(i, b)| usize::from(*b) == i + 1);
+    if !padding_ok {
+        return None;
+    }
+    let first = scalar.iter().position(|b| *b != 0).unwrap_or(scalar.len());
+    let scalar = &scalar[first..];
+    if scalar.len() >= width {
+        return None;
+    }
+    let mut section = Zeroizing::new(Vec::with_capacity(private.len() + width + 8));
+    section.extend_from_slice(&check1.to_be_bytes());
+    section.extend_from_slice(&check2.to_be_bytes());
+    put_string(&mut section, key_type);
+    put_string(&mut section, curve);
+    put_string(&mut section, point);
+    section.extend_from_slice(&(width as u32).to_be_bytes());
+    let widened = section.len() + width - scalar.len();
+    section.resize(widened, 0);
+    section.extend_from_slice(scalar);
+    put_string(&mut section, comment);
+    // Cipher "none" has a block size of 8; the padding is 1, 2, 3, ...
+    let mut pad = 1u8;
+    while section.len() % 8 != 0 {
+        section.push(pad);
+        pad += 1;
+    }
+    let mut out = Zeroizing::new(Vec::with_capacity(
+        header + public.len() + section.len() + 8,
+    ));
+    out.extend_from_slice(&blob[..header]);
+    put_string(&mut out, public);
+    put_string(&mut out, &section);
+    Some(out)
 }

@@ -473,3 +473,26 @@ fn debug_shows_the_fingerprint_not_the_key() {
         .to_string();
     assert!(!shown.contains(&body_line[..16]), "{shown}");
 }
+
+/// ssh-key 0.6 alone refuses an ECDSA key whose private scalar OpenSSH wrote shorter than the
+/// curve's width (about one P-521 key in six); kps-sync reads it anyway.
+#[test]
+fn p521_keys_with_a_short_scalar_are_read() {
+    if !have_ssh_keygen() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..100 {
+        let file = format!("ec521-{i}");
+        let bytes = keygen(dir.path(), &file, &["-t", "ecdsa", "-b", "521", "-N", ""]);
+        if ssh_key::PrivateKey::from_openssh(&bytes).is_ok() {
+            continue;
+        }
+        let key = PrivateKey::parse(&bytes).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!(key.normalised().expose(), &bytes[..]);
+        let y = keygen_out(&["-y", "-f"], &dir.path().join(&file));
+        assert_eq!(PublicKey::parse(&y).unwrap(), *key.public());
+        return;
+    }
+    panic!("no P-521 key with a short scalar in 100 tries");
+}
