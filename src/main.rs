@@ -10,7 +10,7 @@ use kps_sync::commands;
 
 /// Keep SSH private keys from Huawei Cloud KPS on this host, exactly where a manifest says.
 #[derive(Parser)]
-#[command(name = "kps-sync", version)]
+#[command(name = "kps-sync", version, after_long_help = FILES_AND_EXIT_CODES)]
 struct Cli {
     /// Manifest path [default: $KPS_SYNC_MANIFEST, then /etc/kps-sync/manifest.yaml]
     #[arg(short = 'm', long = "manifest", global = true)]
@@ -24,6 +24,21 @@ struct Cli {
     #[command(subcommand)]
     command: Command,
 }
+
+/// The end of `--help` and of the man page.
+const FILES_AND_EXIT_CODES: &str = "\
+Files:
+  /etc/kps-sync/manifest.yaml     the manifest (-m, $KPS_SYNC_MANIFEST)
+  /etc/kps-sync/credentials/      secrets, handed to the units as $CREDENTIALS_DIRECTORY/kps_<file>
+  /var/lib/kps-sync/              state.json (hashes, never keys) and the lock
+
+Exit codes (reconcile, run, check):
+  0  every key in place (check: every key could be exported)
+  1  some key could not be brought in place, or KPS could not be reached
+  2  the command line or the manifest is invalid: nothing was attempted
+
+Units: kps-sync.service (the daemon), kps-sync-reconcile.timer (a pass every 15 minutes).
+Documentation: /usr/share/doc/kps-sync/README.md";
 
 #[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
