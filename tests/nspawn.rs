@@ -109,9 +109,15 @@ impl Container {
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
         let children = format!("/proc/{}/task/{}/children", nspawn.id(), nspawn.id());
+        // nspawn's children come and go while it sets up (the ephemeral copy, helpers): the
+        // init is the child that has become systemd.
         let init = loop {
             let text = std::fs::read_to_string(&children).unwrap_or_default();
-            if let Some(pid) = text.split_whitespace().next() {
+            let systemd = text.split_whitespace().find(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|comm| comm.trim() == "systemd")
+            });
+            if let Some(pid) = systemd {
                 break pid.parse().unwrap();
             }
             assert!(Instant::now() < deadline, "the container did not start");
@@ -245,7 +251,7 @@ fn the_package_under_a_real_systemd() {
     }
     let conffile = std::fs::read_to_string(c.path("/etc/kps-sync/manifest.yaml")).unwrap();
     assert!(conffile.contains("ecs_metadata: {}"), "{conffile}");
-    assert!(c.path("/usr/share/man/man1/kps-sync.1").exists());
+    assert!(c.path("/usr/share/man/man1/kps-sync.1.gz").exists());
     // The unedited template is valid and manages nothing.
     let out = c.ok(&["kps-sync", "validate"]);
     assert!(out.contains("ok, 0 keys"), "{out}");

@@ -66,7 +66,7 @@ fn package_contents_and_maintainer_scripts() {
         assert_eq!(entry(&format!("/lib/systemd/system/{unit}")), "-rw-r--r--");
     }
     for file in [
-        "/usr/share/man/man1/kps-sync.1",
+        "/usr/share/man/man1/kps-sync.1.gz",
         "/usr/share/bash-completion/completions/kps-sync",
         "/usr/share/zsh/vendor-completions/_kps-sync",
         "/usr/share/fish/vendor_completions.d/kps-sync.fish",
