@@ -1,12 +1,12 @@
 //! The manifest: YAML in, a validated [`Manifest`] out, or an error naming the file, the line
 //! and column, and what to write instead.
 //!
-//! Parse, then validate, in three passes over the text:
-//! 1. `dupkeys`: every mapping at every depth is checked for a repeated key (serde_yaml would
-//!    keep the last one silently); YAML syntax errors surface here too.
-//! 2. `raw`: serde structs with `deny_unknown_fields`; type errors and unknown fields stop here,
-//!    with serde_yaml's location.
-//! 3. `validate`: every rule, all violations collected, each located with `locate`.
+//! Parse, then validate, in one parse of the text:
+//! 1. `raw`: serde structs with `deny_unknown_fields`, every mapping read through `dupkeys`,
+//!    which refuses a repeated key at its own line and column (serde_yaml would keep the last
+//!    one silently); syntax, type errors and unknown fields stop here, with serde_yaml's
+//!    location.
+//! 2. `validate`: every rule, all violations collected, each located with `locate`.
 //!
 //! Paths in the manifest: relative paths resolve against the manifest's folder (the manifest
 //! path made absolute first). A path that starts with `$CREDENTIALS_DIRECTORY/` or
@@ -32,7 +32,7 @@
 //! where a bare `0600` is the string "0600", but YAML 1.1 tools read it as a number, so a bare
 //! mode is refused too, as are `600`, `0o600` and other numbers.
 //!
-//! Costs: the text is parsed twice (duplicate check, then serde); each key's line comes from a
+//! Costs: the text is parsed once; each key's line comes from a
 //! one-pass scan of block-style `keys:`. Only error locations, and keys written in flow style,
 //! take one more parse each.
 
@@ -49,6 +49,8 @@ mod validate;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
 
 pub use error::{Location, ManifestError, Problem};
 pub use model::*;
@@ -154,9 +156,21 @@ fn load_text(
                 .into(),
         }]));
     }
-    dupkeys::check(text).map_err(|p| invalid(vec![tab_indentation(text, p)]))?;
-    let raw: raw::RawManifest =
-        serde_yaml::from_str(text).map_err(|e| invalid(vec![error::raw_error_problem(&e)]))?;
+    // One parse: duplicate keys are refused inside it (see `dupkeys`).
+    let raw =
+        dupkeys::Unique::<raw::RawManifest>::deserialize(serde_yaml::Deserializer::from_str(text))
+            .map_err(|e| {
+                // serde_yaml reads events as the structs ask for them, so a type error can come
+                // before a syntax error further on; the syntax error is the one to fix first.
+                let e = match serde_yaml::from_str::<serde::de::IgnoredAny>(text) {
+                    Err(syntax) => syntax,
+                    Ok(_) => e,
+                };
+                let problem =
+                    dupkeys::problem(&e, text).unwrap_or_else(|| error::raw_error_problem(&e));
+                invalid(vec![tab_indentation(text, problem)])
+            })?
+            .0;
     let ctx = validate::Context {
         manifest: path,
         env,

@@ -9,14 +9,20 @@ use std::fmt;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 
+use super::dupkeys::{UniqueKeys, unique};
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawManifest {
     /// Any YAML, so that `version: "1"` or `version: 2` gets our message.
     pub version: Option<serde_yaml::Value>,
+    #[serde(default, deserialize_with = "unique")]
     pub kps: Option<RawKps>,
+    #[serde(default, deserialize_with = "unique")]
     pub defaults: Option<RawDefaults>,
+    #[serde(default, deserialize_with = "unique")]
     pub settings: Option<RawSettings>,
+    #[serde(default, deserialize_with = "unique")]
     pub keys: Option<BTreeMap<Text, RawKey>>,
 }
 
@@ -27,6 +33,7 @@ pub(super) struct RawKps {
     pub endpoint: Option<Text>,
     pub project_id: Option<Text>,
     pub ca_file: Option<Text>,
+    #[serde(default, deserialize_with = "unique")]
     pub auth: Option<RawAuth>,
 }
 
@@ -71,7 +78,7 @@ pub(super) enum Present<T> {
 
 impl<'de, T: Deserialize<'de> + Default> Deserialize<'de> for Present<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Option::<T>::deserialize(d).map(|v| Present::Given(v.unwrap_or_default()))
+        unique::<D, T>(d).map(|v| Present::Given(v.unwrap_or_default()))
     }
 }
 
@@ -170,7 +177,7 @@ impl<'de> Deserialize<'de> for RawKey {
                 Ok(RawKey::Empty)
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawKey, A::Error> {
-                RawKeyLong::deserialize(de::value::MapAccessDeserializer::new(map))
+                RawKeyLong::deserialize(de::value::MapAccessDeserializer::new(UniqueKeys::new(map)))
                     .map(RawKey::Long)
             }
         }
