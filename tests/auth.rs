@@ -385,9 +385,11 @@ fn an_iam_token_that_expires_during_a_pass_is_renewed_and_the_run_completes() {
     assert_exported(&sb, &names, &run);
     let stats = sb.fake.stats();
     assert!(stats.iam_token_calls >= 2, "{stats:?}");
-    // Renewed before expiry, or once after a 401 for a request in flight as it expired: never
-    // a 401 per request.
-    assert!(stats.unauthorized <= 1, "{stats:?}");
+    // Renewed before expiry (at 90 % of this short lifetime), or once after a 401 for a request
+    // in flight as it expired: at most one 401 per token, never one per request. (A loaded
+    // machine stretches the pass over more token lifetimes, hence not a fixed count.)
+    assert!(stats.unauthorized < stats.iam_token_calls, "{stats:?}");
+    assert!(stats.unauthorized < stats.batch_export_calls / 3, "{stats:?}");
     assert!(stats.batch_export_calls >= 6, "{stats:?}");
 }
 
