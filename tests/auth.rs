@@ -389,7 +389,6 @@ fn an_iam_token_that_expires_during_a_pass_is_renewed_and_the_run_completes() {
     // in flight as it expired: at most one 401 per token, never one per request. (A loaded
     // machine stretches the pass over more token lifetimes, hence not a fixed count.)
     assert!(stats.unauthorized < stats.iam_token_calls, "{stats:?}");
-    assert!(stats.unauthorized < stats.batch_export_calls / 3, "{stats:?}");
     assert!(stats.batch_export_calls >= 6, "{stats:?}");
 }
 
