@@ -102,13 +102,22 @@ impl PublicKey {
                 why: "fewer than two fields",
             });
         };
-        let blob = STANDARD
-            .decode(b64.trim_end_matches('='))
-            .or_else(|_| STANDARD_NO_PAD.decode(b64.trim_end_matches('=')))
-            .or_else(|_| STANDARD.decode(b64))
-            .map_err(|_| KeyError::BadPublicKey {
-                why: "the second field is not base64",
-            })?;
+        // Only what names an SSH key type is decoded: the text may be anything (a zip entry
+        // that failed to parse as a private key), and a decoded copy of it must not linger.
+        if !["ssh-", "ecdsa-", "sk-"]
+            .iter()
+            .any(|p| key_type.starts_with(p))
+        {
+            return Err(KeyError::BadPublicKey {
+                why: "the first field is not an SSH key type",
+            });
+        }
+        let blob =
+            zeroize::Zeroizing::new(STANDARD_NO_PAD.decode(b64.trim_end_matches('=')).map_err(
+                |_| KeyError::BadPublicKey {
+                    why: "the second field is not base64",
+                },
+            )?);
         let key = ssh_key::PublicKey::from_bytes(&blob).map_err(|_| KeyError::BadPublicKey {
             why: "the base64 does not hold an SSH public key",
         })?;
