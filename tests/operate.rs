@@ -658,3 +658,50 @@ fn the_production_template_validates_unedited_and_manages_nothing() {
         "{stdout}"
     );
 }
+
+#[test]
+fn cloud_init_example_writes_a_valid_agency_manifest_and_enables_the_daemon() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/cloud-init.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.starts_with("#cloud-config\n"));
+    let doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let manifest = doc["write_files"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|f| f["path"] == "/etc/kps-sync/manifest.yaml")
+        .expect("writes the manifest");
+    assert_eq!(manifest["permissions"], "0600");
+    let content = manifest["content"]
+        .as_str()
+        .unwrap()
+        .replace("REGION", "cn-north-4")
+        .replace("PROJECT_ID", "0123456789abcdef0123456789abcdef");
+    assert!(content.contains("ecs_metadata: {}"), "{content}");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("manifest.yaml");
+    std::fs::write(&file, &content).unwrap();
+    let out = bin(&["validate", "-m", file.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(": ok, 1 key\n"), "{stdout}");
+    let runcmd: Vec<String> = doc["runcmd"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_owned())
+        .collect();
+    let at = |needle: &str| {
+        runcmd
+            .iter()
+            .position(|c| c.contains(needle))
+            .unwrap_or_else(|| panic!("runcmd lacks {needle}: {runcmd:?}"))
+    };
+    assert!(at("apt-get install") < at("kps-sync check"));
+    assert!(at("disable --now kps-sync-reconcile.timer") < at("enable --now kps-sync.service"));
+}
