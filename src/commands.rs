@@ -42,14 +42,17 @@ fn env_var(name: &str) -> Option<String> {
 
 /// Resolve the auth source and build the client, or print why not.
 pub fn client_for(manifest: &Manifest) -> Result<Arc<KpsClient>, u8> {
-    let auth = Auth::resolve(&manifest.kps, &env_var).map_err(|e| {
+    build_client(manifest).map_err(|e| {
         eprintln!("error: {e}");
         EXIT_INVALID
-    })?;
-    if let Err(e) = trusted_credentials(&auth) {
-        eprintln!("error: {e}");
-        return Err(EXIT_INVALID);
-    }
+    })
+}
+
+/// [`client_for`] that returns the reason instead of printing it. Every command that talks to
+/// KPS builds its client here, so none skips the strict-mode check of the credentials.
+fn build_client(manifest: &Manifest) -> Result<Arc<KpsClient>, String> {
+    let auth = Auth::resolve(&manifest.kps, &env_var).map_err(|e| e.to_string())?;
+    trusted_credentials(&auth).map_err(|e| e.to_string())?;
     tracing::info!(source = %auth.source(), endpoint = %manifest.kps.endpoint, "using KPS credentials");
     KpsClient::new(
         &manifest.kps,
@@ -58,10 +61,7 @@ pub fn client_for(manifest: &Manifest) -> Result<Arc<KpsClient>, u8> {
         RetryPolicy::default(),
     )
     .map(Arc::new)
-    .map_err(|e| {
-        eprintln!("error: {e}");
-        EXIT_INVALID
-    })
+    .map_err(|e| e.to_string())
 }
 
 /// Strict modes for the SDK credentials file found through `$HOME` (the files the manifest
@@ -284,7 +284,7 @@ async fn plan_with_listing(
     else {
         return unlisted;
     };
-    let listing = match client_for_quiet(manifest) {
+    let listing = match build_client(manifest) {
         Ok(client) => match client.auth().ready().await {
             Ok(()) => reconcile::list(&client, why)
                 .await
@@ -301,18 +301,6 @@ async fn plan_with_listing(
             unlisted
         }
     }
-}
-
-/// [`client_for`] that returns the reason instead of printing it.
-fn client_for_quiet(manifest: &Manifest) -> Result<Arc<KpsClient>, String> {
-    let auth = Auth::resolve(&manifest.kps, &env_var).map_err(|e| e.to_string())?;
-    KpsClient::new(
-        &manifest.kps,
-        &manifest.settings,
-        Arc::new(auth),
-        RetryPolicy::default(),
-    )
-    .map(Arc::new)
 }
 
 /// `kps-sync validate`: the manifest and the credentials' presence; no network.

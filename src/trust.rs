@@ -24,7 +24,9 @@ use std::ffi::OsString;
 use std::fmt;
 use std::io;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
+
+use crate::write::names;
 
 /// Linux's own limit on symlinks in one lookup.
 const MAX_SYMLINKS: usize = 40;
@@ -293,16 +295,6 @@ fn chain(path: &Path) -> Vec<(PathBuf, Place, Facts)> {
         at = next;
     }
     out
-}
-
-fn names(path: &Path) -> VecDeque<OsString> {
-    path.components()
-        .filter_map(|c| match c {
-            Component::Normal(name) => Some(name.to_owned()),
-            Component::ParentDir => Some(OsString::from("..")),
-            Component::RootDir | Component::CurDir | Component::Prefix(_) => None,
-        })
-        .collect()
 }
 
 fn facts_of(path: &Path) -> io::Result<Facts> {

@@ -436,7 +436,7 @@ fn open_folder(dir: &Path, create: Option<FileMeta>) -> Result<OwnedFd, Reach> {
 }
 
 /// The components of `path` to walk: names and `..`; `/` and `.` dropped.
-fn names(path: &Path) -> VecDeque<OsString> {
+pub(crate) fn names(path: &Path) -> VecDeque<OsString> {
     path.components()
         .filter_map(|c| match c {
             Component::Normal(name) => Some(name.to_owned()),
