@@ -158,6 +158,8 @@ impl Observation {
     /// Read the state and look at every destination. Reads no credential, calls nothing.
     pub async fn read(manifest: &Manifest) -> Result<Observation, StateError> {
         let mut state = State::load(&manifest.settings.state_dir)?;
+        // Files published just before a crash, not yet in the state: ours (see state::journal).
+        state::journal::fold(&mut state, &manifest.settings.state_dir);
         let desired: Vec<Desired> = manifest.keys.iter().map(Desired::from).collect();
         // Plain keys recorded by an older version, without the fingerprint rotation needs:
         // read it from the file, once, while the file is still the one kps-sync wrote.
@@ -390,6 +392,18 @@ async fn pass(
     options: &PassOptions,
 ) -> Result<PassReport, PassError> {
     client.auth().begin_pass().await;
+    // A killed pass may have left temporary files; this pass holds the lock, so none is live.
+    let folders: BTreeSet<PathBuf> = manifest
+        .keys
+        .iter()
+        .filter_map(|k| k.path.parent().map(Path::to_path_buf))
+        .chain([manifest.settings.state_dir.clone()])
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        state::journal::sweep_temps(folders.iter().map(PathBuf::as_path))
+    })
+    .await
+    .expect("sweeping does not panic");
     let observation = Observation::read(manifest).await?;
     let unlisted = observation.plan(manifest, None);
     let started = SystemTime::now();
@@ -632,6 +646,10 @@ async fn pass(
         failed,
     });
     state.save(&manifest.settings.state_dir)?;
+    // Every intent is now a record in the saved state (or its write failed and renamed nothing).
+    if let Err(e) = state::journal::clear(&manifest.settings.state_dir) {
+        tracing::warn!(error = %e, "cannot remove the intent journal; it is read again on the next start");
+    }
 
     // Hooks last, after the state records what was written: once per distinct argv, with
     // every changed key that shares it in KPS_SYNC_KEYS.
@@ -888,6 +906,7 @@ fn carry_out(
     job: &Job,
     key: keys::PrivateKey,
     remote: Option<&BTreeMap<String, KeypairInfo>>,
+    state_dir: &Path,
 ) -> Result<Placed, KeyFailure> {
     if let Some(expect) = &job.expect
         && *expect != key.fingerprint_sha256()
@@ -903,7 +922,13 @@ fn carry_out(
     }
     let public = job.public.then(|| key.public_openssh());
     let record = if job.key_file {
-        Some(place(&job.spec, job.seen.as_deref(), key, remote)?)
+        Some(place(
+            &job.spec,
+            job.seen.as_deref(),
+            key,
+            remote,
+            state_dir,
+        )?)
     } else {
         verify_listed(&job.spec.name, &key, remote)?;
         None
@@ -936,6 +961,7 @@ async fn export_and_write(
         let remote = remote.clone();
         let options = options.clone();
         let client = client.clone();
+        let state_dir = manifest.settings.state_dir.clone();
         tasks.spawn(async move {
             let _permit = semaphore.acquire_owned().await.expect("never closed");
             if options.stopping() {
@@ -970,7 +996,7 @@ async fn export_and_write(
                         }
                         let placed = result
                             .map_err(|e| export_failure(&e))
-                            .and_then(|key| carry_out(&job, key, remote.as_deref()));
+                            .and_then(|key| carry_out(&job, key, remote.as_deref(), &state_dir));
                         (job, placed)
                     })
                     .collect()
@@ -1051,6 +1077,7 @@ fn place(
     seen: Option<&str>,
     key: keys::PrivateKey,
     remote: Option<&BTreeMap<String, KeypairInfo>>,
+    state_dir: &Path,
 ) -> Result<FileRecord, KeyFailure> {
     verify_listed(&spec.name, &key, remote)?;
     // Kept in the state so a later listing can show a rotation.
@@ -1065,6 +1092,28 @@ fn place(
         Some(sha256) => Prior::Sha256(sha256),
         None => Prior::Absent,
     };
+    let sha256 = observe::sha256_of(bytes.expose());
+    // Durable before the rename: a crash after it leaves a file the next start knows is ours.
+    state::journal::record(
+        state_dir,
+        &state::journal::Intent {
+            key: spec.name.clone(),
+            path: spec.path.clone(),
+            sha256: sha256.clone(),
+            fingerprint: fingerprint.clone(),
+            recipients: spec.recipients_fingerprint(),
+        },
+    )
+    .map_err(|e| {
+        KeyFailure::transient(
+            "write",
+            format!(
+                "{}: cannot record the intent to write it in {}: {e}; check state_dir's permissions and free space",
+                spec.path.display(),
+                state_dir.join(state::journal::JOURNAL_FILE).display()
+            ),
+        )
+    })?;
     write::write_atomic(&spec.path, bytes.expose(), meta, prior).map_err(|e| match e {
         write::WriteError::Changed { .. } | write::WriteError::Symlink { .. } => {
             failure("conflict", e.to_string())
@@ -1073,7 +1122,7 @@ fn place(
     })?;
     Ok(FileRecord {
         path: spec.path.clone(),
-        sha256: observe::sha256_of(bytes.expose()),
+        sha256,
         written_at: state::now_rfc3339(),
         recipients: spec.recipients_fingerprint(),
         fingerprint,

@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+pub mod journal;
+
 use crate::write::{self, FileMeta, Prior, WriteError};
 
 pub const STATE_FILE: &str = "state.json";
