@@ -11,10 +11,22 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 const KEYS: usize = 200;
+/// Also age-encrypted: ciphertext cannot be adopted as "the key KPS lists", so only the intent
+/// journal can tell the next pass that such a file is its own.
+const SEALED: usize = 60;
 const ROUNDS: usize = 50;
+const RECIPIENT: &str = "age1jpe7c3v8gwzchz9rnv8n28zta43w97t0tp9ra5p4xaay0p9wwdqq66kgs7";
 
 fn names() -> Vec<String> {
     (0..KEYS).map(|i| format!("k{i:03}")).collect()
+}
+
+fn sealed() -> Vec<String> {
+    (0..SEALED).map(|i| format!("s{i:03}")).collect()
+}
+
+fn all_names() -> Vec<String> {
+    names().into_iter().chain(sealed()).collect()
 }
 
 fn setup() -> Sandbox {
@@ -23,6 +35,12 @@ fn setup() -> Sandbox {
     for n in names() {
         sb.fake.add_key(&n);
         keys.push_str(&format!("  {n}: out/{n}.pem\n"));
+    }
+    for n in sealed() {
+        sb.fake.add_key(&n);
+        keys.push_str(&format!(
+            "  {n}:\n    path: out/{n}.age\n    age_recipients: [{RECIPIENT}]\n"
+        ));
     }
     // Slow enough calls that a pass spans a few hundred milliseconds.
     sb.fake.set_latency(Duration::from_millis(15));
@@ -39,6 +57,15 @@ fn check_after_kill(sb: &Sandbox, round: usize) {
                 Some(text),
                 sb.fake.private_key(&n),
                 "round {round}: {n} is neither absent nor the key"
+            ),
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "round {round}: {n}"),
+        }
+    }
+    for n in sealed() {
+        match std::fs::read(sb.path(&format!("out/{n}.age"))) {
+            Ok(bytes) => assert!(
+                bytes.starts_with(b"age-encryption.org/v1\n"),
+                "round {round}: {n} is not whole age ciphertext"
             ),
             Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "round {round}: {n}"),
         }
@@ -74,6 +101,17 @@ fn clean_pass(sb: &Sandbox, round: usize) {
             "round {round}: {n}"
         );
     }
+    for n in sealed() {
+        assert!(
+            sb.path(&format!("out/{n}.age")).exists(),
+            "round {round}: {n}"
+        );
+    }
+}
+
+fn file_of(sb: &Sandbox, n: &str) -> std::path::PathBuf {
+    let ext = if n.starts_with('s') { "age" } else { "pem" };
+    sb.path(&format!("out/{n}.{ext}"))
 }
 
 #[test]
@@ -84,9 +122,9 @@ fn reconcile_killed_at_random_moments_leaves_nothing_stuck() {
     let mut killed_mid_pass = 0;
     for round in 0..ROUNDS {
         // Deletions between rounds: a fifth of the keys to restore (all of them the first time).
-        for n in names() {
+        for n in all_names() {
             if rng.u8(..5) == 0 {
-                let _ = std::fs::remove_file(sb.path(&format!("out/{n}.pem")));
+                let _ = std::fs::remove_file(file_of(&sb, &n));
             }
         }
         let mut child = sb
@@ -134,15 +172,15 @@ fn the_daemon_killed_during_a_drift_restore_leaves_nothing_stuck() {
             .unwrap();
         // Let the daemon start watching, then make drift for it to restore.
         std::thread::sleep(Duration::from_millis(300));
-        for n in names() {
+        for n in all_names() {
             if rng.u8(..3) == 0 {
-                let _ = std::fs::remove_file(sb.path(&format!("out/{n}.pem")));
+                let _ = std::fs::remove_file(file_of(&sb, &n));
             }
         }
         std::thread::sleep(Duration::from_millis(rng.u64(20..300)));
-        let missing = names()
+        let missing = all_names()
             .iter()
-            .filter(|n| !sb.path(&format!("out/{n}.pem")).exists())
+            .filter(|n| !file_of(&sb, n).exists())
             .count();
         if missing > 0 {
             killed_mid_pass += 1;
