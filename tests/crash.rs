@@ -133,7 +133,27 @@ fn reconcile_killed_at_random_moments_leaves_nothing_stuck() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(rng.u64(0..400)));
+        // Kill after a random number of the missing files has been published (or, one round in
+        // four, at a random instant), so kills land between a rename and the state save.
+        let present = || {
+            all_names()
+                .iter()
+                .filter(|n| file_of(&sb, n).exists())
+                .count()
+        };
+        let missing = all_names().len() - present();
+        if round % 4 == 3 || missing == 0 {
+            std::thread::sleep(Duration::from_millis(rng.u64(0..400)));
+        } else {
+            let target = all_names().len() - missing + rng.usize(1..=missing);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while present() < target
+                && Instant::now() < deadline
+                && child.try_wait().unwrap().is_none()
+            {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
         kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).unwrap();
         let status = child.wait().unwrap();
         if status.code().is_none() {
