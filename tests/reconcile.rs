@@ -391,7 +391,13 @@ fn batches_respect_concurrency() {
     assert_eq!(run.code, 0, "{run:?}");
     let stats = sb.fake.stats();
     assert_eq!(stats.batch_export_calls, 6);
-    assert_eq!(stats.max_in_flight, 2);
+    // Never more than `concurrency`; the client's slow start (kps::rate) may keep it at one
+    // for the first round trips, so reaching two depends on timing on a loaded machine.
+    assert!(
+        (1..=2).contains(&stats.max_in_flight),
+        "{}",
+        stats.max_in_flight
+    );
 }
 
 #[test]
