@@ -266,6 +266,28 @@ fn a_listing_refused_403_is_warned_about_once_and_keys_still_land() {
 }
 
 #[test]
+fn a_listing_whose_marker_loops_is_no_listing_not_a_missing_key() {
+    // A server that ignores `marker` hands back the first page and its `next_marker` again.
+    // Taking the first page as the whole listing would call every later key "not in KPS".
+    let sb = Sandbox::new();
+    let names: Vec<String> = (0..60).map(|i| format!("k{i:03}")).collect();
+    for n in &names {
+        sb.fake.add_key(n);
+    }
+    sb.fake.set_max_page(Some(50));
+    sb.fake.set_list_ignores_marker(true);
+    sb.manifest("", &keys_yaml(&["k000", "k055"]));
+    let run = sb.reconcile();
+    assert!(!run.stderr.contains("not in the KPS listing"), "{run:?}");
+    assert_eq!(
+        std::fs::read_to_string(sb.path("out/k055.pem")).unwrap(),
+        sb.fake.private_key("k055").unwrap(),
+        "{run:?}"
+    );
+    assert!(run.stderr.contains("next_marker"), "says why: {run:?}");
+}
+
+#[test]
 fn frozen_and_unhosted_keys_fail_alone_and_are_never_exported() {
     let sb = Sandbox::new();
     sb.fake.add_key("a");

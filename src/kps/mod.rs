@@ -243,7 +243,8 @@ impl KpsClient {
         }
     }
 
-    /// `GET ...?limit=&marker=`, paging until `next_marker` is null.
+    /// `GET ...?limit=&marker=`, paging until `next_marker` is null. A marker already seen is an
+    /// error, never the end: a partial listing would call the keys it misses "not in KPS".
     ///
     /// Pages are asked for [`LARGE_PAGE`] at a time: one call per thousand key pairs. The API
     /// documents no maximum, so a 400 to that size switches this process to the documented
@@ -292,6 +293,15 @@ impl KpsClient {
             }
             match page.page_info.and_then(|p| p.next_marker) {
                 Some(next) if count > 0 && seen.insert(next.clone()) => marker = Some(next),
+                // A page that points back at one already read: what was read is not the whole
+                // listing, and a key missing from it must not be called "not in KPS".
+                Some(_) if count > 0 => {
+                    return Err(bad_answer(
+                        "list",
+                        "the listing's next_marker points back at a page already read, so the \
+                         listing is incomplete",
+                    ));
+                }
                 _ => return Ok(all),
             }
         }

@@ -226,6 +226,8 @@ pub(crate) struct State {
     pub max_page: Option<usize>,
     /// The listing answers 403, as for credentials without the list permission.
     pub list_forbidden: bool,
+    /// The listing ignores `marker` and answers the first page again (a paging bug).
+    pub list_ignores_marker: bool,
     pub error_form: ErrorForm,
     pub variations: Variations,
     /// Accepted tokens and when they stop being accepted (`None`: never).
@@ -258,6 +260,7 @@ impl State {
             frozen: BTreeSet::new(),
             max_page: None,
             list_forbidden: false,
+            list_ignores_marker: false,
             error_form: ErrorForm::ErrorCode,
             variations: Variations::default(),
             tokens: HashMap::new(),
@@ -441,6 +444,12 @@ impl FakeKps {
     /// list.
     pub fn set_list_forbidden(&self, on: bool) {
         self.state().list_forbidden = on;
+    }
+
+    /// Whether the listing ignores `marker`, answering the first page (and its `next_marker`)
+    /// again and again.
+    pub fn set_list_ignores_marker(&self, on: bool) {
+        self.state().list_ignores_marker = on;
     }
 
     /// The shape of every KPS error body from now on.

@@ -443,6 +443,7 @@ fn list(s: &mut State, query: &str) -> Response {
                     return bad_request(&format!("limit must be an integer from 1 to {max}."));
                 }
             },
+            "marker" if s.list_ignores_marker => {}
             "marker" if valid_name(&v) => marker = Some(v),
             "marker" => return bad_request("Invalid marker."),
             _ => {}
