@@ -578,9 +578,11 @@ async fn pass(
     }
 
     for action in prunes {
+        // Any failure of the key's new copy (an export, a conflict in the way, an adoption
+        // whose fix failed) keeps the old one: it may be the only copy on disk.
         let new_copy_failed = outcomes
             .iter()
-            .any(|o| o.key == action.key && o.change.needs_export() && o.result.is_err());
+            .any(|o| o.key == action.key && o.result.is_err());
         if new_copy_failed || options.stopping() {
             continue;
         }

@@ -360,6 +360,29 @@ fn a_moved_key_keeps_its_old_file_until_the_new_one_is_in_place() {
 }
 
 #[test]
+fn a_moved_key_whose_new_path_is_in_conflict_keeps_its_old_file() {
+    let sb = Sandbox::new();
+    sb.fake.add_key("a");
+    sb.manifest("  prune: true\n", "  a: old/a.pem\n");
+    assert_eq!(sb.reconcile().code, 0);
+    let key = std::fs::read(sb.path("old/a.pem")).unwrap();
+    std::fs::create_dir_all(sb.path("new")).unwrap();
+    std::fs::write(sb.path("new/a.pem"), b"the admin's own file\n").unwrap();
+    sb.manifest("  prune: true\n", "  a: new/a.pem\n");
+    let run = sb.reconcile();
+    assert_eq!(run.code, 1, "the conflict fails the key: {run:?}");
+    assert_eq!(
+        std::fs::read(sb.path("old/a.pem")).unwrap(),
+        key,
+        "the only copy of the key is not pruned while the new path holds another file: {run:?}"
+    );
+    assert_eq!(
+        std::fs::read(sb.path("new/a.pem")).unwrap(),
+        b"the admin's own file\n"
+    );
+}
+
+#[test]
 fn a_state_folder_that_cannot_be_written_fails_before_any_key_is() {
     let sb = Sandbox::new();
     sb.fake.add_key("a");
