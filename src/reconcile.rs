@@ -341,10 +341,16 @@ fn held_public_key(path: &Path, sha256: &str) -> Option<String> {
         return None;
     }
     let text = std::str::from_utf8(&bytes).ok()?;
-    let line = text
+    let mut lines = text
         .lines()
         .map(str::trim)
-        .find(|l| !l.is_empty() && !l.starts_with('#'))?;
+        .filter(|l| !l.is_empty() && !l.starts_with('#'));
+    let line = lines.next()?;
+    // Exactly one key line: a file that holds more (a private key after it) is no public key
+    // file, and adopting it would give it mode 0644.
+    if lines.next().is_some() {
+        return None;
+    }
     crate::kps::public_key_fingerprint(line)
 }
 

@@ -492,6 +492,28 @@ fn a_hand_placed_key_and_its_public_key_file_are_both_adopted_without_an_export(
 }
 
 #[test]
+fn a_public_key_path_holding_more_than_the_public_key_is_not_adopted_nor_opened_up() {
+    // The right public key line first, then the private key: adopting it as the public key
+    // file would make it 0644, the private key with it.
+    let sb = Sandbox::new();
+    let text = sb.fake.add_key("a");
+    std::fs::create_dir(sb.path("out")).unwrap();
+    let public = sb.path("out/a.pem.pub");
+    let both = format!("{}\n{text}", sb.fake.public_key("a").unwrap());
+    std::fs::write(&public, &both).unwrap();
+    std::fs::set_permissions(&public, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    sb.manifest("", "  a:\n    path: out/a.pem\n    public_key: true\n");
+    let run = sb.reconcile();
+    assert_eq!(run.code, 1, "a conflict: {run:?}");
+    assert_eq!(std::fs::read_to_string(&public).unwrap(), both);
+    assert_eq!(
+        std::fs::metadata(&public).unwrap().mode() & 0o777,
+        0o600,
+        "not opened up: {run:?}"
+    );
+}
+
+#[test]
 fn a_foreign_public_key_file_is_kept_and_reported_while_the_key_lands() {
     let sb = Sandbox::new();
     sb.fake.add_key("a");
