@@ -399,8 +399,11 @@ fn open_folder(dir: &Path, create: Option<FileMeta>) -> Result<OwnedFd, Reach> {
                 at = next;
             }
             Err(Errno::LOOP | Errno::NOTDIR) => {
-                let found = rfs::statat(here, &name, AtFlags::SYMLINK_NOFOLLOW)
+                // The link itself, held open: its owner and its target are then read from
+                // one inode, so a link swapped between the two reads cannot pass for root's.
+                let link = rfs::openat(here, &name, OFlags::PATH | OFlags::NOFOLLOW, Mode::empty())
                     .map_err(|e| open_err(&next, e))?;
+                let found = rfs::fstat(&link).map_err(|e| open_err(&next, e))?;
                 if FileType::from_raw_mode(found.st_mode) != FileType::Symlink {
                     return Err(fail(WriteError::NotAFolder { path: next }));
                 }
@@ -417,7 +420,7 @@ fn open_folder(dir: &Path, create: Option<FileMeta>) -> Result<OwnedFd, Reach> {
                     return Err(fail(WriteError::SymlinkLoop { path: next }));
                 }
                 let target =
-                    rfs::readlinkat(here, &name, Vec::new()).map_err(|e| open_err(&next, e))?;
+                    rfs::readlinkat(&link, "", Vec::new()).map_err(|e| open_err(&next, e))?;
                 let target = Path::new(OsStr::from_bytes(target.as_bytes()));
                 if target.is_absolute() {
                     walked.truncate(1);
@@ -825,6 +828,52 @@ mod tests {
             "{err}"
         );
         std::os::unix::fs::chown(tmp.path(), Some(0), None).unwrap();
+    }
+
+    #[test]
+    fn a_root_owned_symlink_swapped_for_another_users_mid_walk_is_never_followed() {
+        // In a root-owned folder others may write (no sticky bit), another user can exchange
+        // root's link with their own at any instant: the owner judged must be the owner of the
+        // very link whose target is followed.
+        if !need_root() {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let shared = tmp.path().join("shared");
+        fs::create_dir(&shared).unwrap();
+        fs::set_permissions(&shared, Permissions::from_mode(0o777)).unwrap();
+        let (real, victim) = (tmp.path().join("real"), tmp.path().join("victim"));
+        fs::create_dir(&real).unwrap();
+        fs::create_dir(&victim).unwrap();
+        std::os::unix::fs::symlink(&real, shared.join("keys")).unwrap();
+        std::os::unix::fs::symlink(&victim, shared.join("decoy")).unwrap();
+        std::os::unix::fs::lchown(shared.join("decoy"), Some(4242), Some(4242)).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let swapper = {
+            let (stop, shared) = (stop.clone(), shared.clone());
+            std::thread::spawn(move || {
+                let dir =
+                    rfs::open(&shared, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()).unwrap();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    rfs::renameat_with(&dir, "keys", &dir, "decoy", RenameFlags::EXCHANGE).unwrap();
+                }
+            })
+        };
+        let target = shared.join("keys/key");
+        let start = std::time::Instant::now();
+        while start.elapsed() < std::time::Duration::from_secs(5) {
+            let _ = write_atomic(&target, b"k", FileMeta::PRIVATE, Prior::Anything);
+            if fs::read_dir(&victim).unwrap().count() > 0 {
+                break;
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        swapper.join().unwrap();
+        assert_eq!(
+            fs::read_dir(&victim).unwrap().count(),
+            0,
+            "a key was written through another user's symlink"
+        );
     }
 
     #[test]
