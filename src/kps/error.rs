@@ -154,7 +154,7 @@ impl std::error::Error for KpsError {}
 fn parse_error_body(body: &[u8]) -> (Option<String>, Option<String>) {
     match serde_json::from_slice::<serde_json::Value>(body) {
         Ok(serde_json::Value::Object(map)) => match find_pair(&map, 0) {
-            Some((code, message)) => (Some(code), message.map(|m| clip(&m))),
+            Some((code, message)) => (Some(clip(&code, 64)), message.map(|m| clip(&m, 300))),
             None => (None, None),
         },
         _ => (None, None),
@@ -192,8 +192,20 @@ fn find_pair(
 }
 
 /// Server messages end up in logs; keep them to a sane length.
-fn clip(message: &str) -> String {
-    message.chars().take(300).collect()
+/// A server's text as it may appear in one log line: at most `max` characters, control
+/// characters escaped, so a hostile body cannot forge lines or flood the log.
+fn clip(text: &str, max: usize) -> String {
+    text.chars()
+        .take(max)
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect()
 }
 
 fn classify(status: u16, code: Option<&str>) -> Class {
@@ -210,6 +222,18 @@ fn classify(status: u16, code: Option<&str>) -> Class {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn hostile_codes_and_messages_cannot_forge_log_lines() {
+        let long = "K".repeat(500);
+        let body = format!(r#"{{"error_code":"KPS.1\nINFO forged {long}","error_msg":"a\r\nb"}}"#);
+        let (code, message) = super::parse_error_body(body.as_bytes());
+        let code = code.unwrap();
+        assert!(!code.contains('\n') && code.contains("\\n"), "{code}");
+        assert!(code.chars().count() <= 64 + 1, "{code}");
+        let message = message.unwrap();
+        assert_eq!(message, "a\\r\\nb");
+    }
+
     use super::*;
 
     #[test]
