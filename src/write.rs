@@ -1,6 +1,10 @@
-//! The one atomic writer. Every file kps-sync puts on disk (keys, the state file) goes through
-//! [`write_atomic`]; `fix-meta` and `prune` go through [`fix_meta`] and [`remove`]; nothing else
-//! in the crate calls `fs::write` or changes a file by path.
+//! The one atomic writer. Every file kps-sync puts on disk (keys, `.pub` files, the state file,
+//! the metrics file) goes through [`write_atomic`]; `fix-meta` and `prune` go through
+//! [`fix_meta`] and [`remove`]. The two exceptions live in the state folder, which the trust
+//! check has already found owned by root or us and writable by no one else: the lock file
+//! (opened 0600 with `O_NOFOLLOW`, never written) and the intent journal (append-only, 0600,
+//! `O_NOFOLLOW`; see `state::journal`). Nothing else in the crate calls `fs::write` or changes a
+//! file by path.
 //!
 //! kps-sync usually runs as root, and a key's folder is often owned by someone else (a deploy
 //! user's `~/.ssh`). That user can swap any folder they own for a symlink at any instant, so a
