@@ -18,15 +18,8 @@ const DEADLINE: Duration = Duration::from_secs(10);
 /// Fast triggers; a 1h interval, so the safety-net pass cannot be what fixed things.
 const FAST: &str = "  debounce: 50ms\n  interval: 1h\n";
 
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while start.elapsed() < DEADLINE {
-        if cond() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("timed out after {DEADLINE:?} waiting for: {what}");
+fn wait_for(what: &str, cond: impl FnMut() -> bool) {
+    wait_until(what, DEADLINE, cond);
 }
 
 fn keys_yaml(names: &[&str]) -> String {

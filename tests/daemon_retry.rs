@@ -7,20 +7,13 @@ use common::*;
 use std::fs::File;
 use std::path::PathBuf;
 use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The client's own retries within a pass can take 15 s; room for a loaded machine.
 const DEADLINE: Duration = Duration::from_secs(30);
 
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while start.elapsed() < DEADLINE {
-        if cond() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    panic!("timed out after {DEADLINE:?} waiting for: {what}");
+fn wait_for(what: &str, cond: impl FnMut() -> bool) {
+    wait_until(what, DEADLINE, cond);
 }
 
 struct Daemon {

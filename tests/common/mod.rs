@@ -161,3 +161,15 @@ pub fn have_root() -> bool {
     eprintln!("skipped: needs root");
     false
 }
+
+/// Poll `cond` until it holds, or fail after `deadline` naming `what`.
+pub fn wait_until(what: &str, deadline: std::time::Duration, mut cond: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while start.elapsed() < deadline {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    panic!("timed out after {deadline:?} waiting for: {what}");
+}
