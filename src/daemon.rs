@@ -28,13 +28,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::task::{JoinError, JoinHandle};
 use tokio::time::{Instant, Interval, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
 
 use crate::auth::Auth;
 use crate::commands::{self, EXIT_FAILED, EXIT_OK};
@@ -113,7 +113,7 @@ pub async fn run(manifest_path: &Path) -> u8 {
         _lock: lock,
         notifier: Notifier::from_env(),
         watcher,
-        shutdown: Arc::new(AtomicBool::new(false)),
+        shutdown: CancellationToken::new(),
         drift: 0,
         backoff: Backoff::default(),
         held: BTreeMap::new(),
@@ -189,8 +189,8 @@ struct Daemon {
     _lock: state::Lock,
     notifier: Option<Notifier>,
     watcher: Watcher,
-    /// Shared with the pass in flight: SIGTERM sets it.
-    shutdown: Arc<AtomicBool>,
+    /// Shared with the pass in flight: SIGTERM cancels it.
+    shutdown: CancellationToken,
     /// Managed files restored or fixed since start (deleted, altered, chmod/chown'ed by others).
     drift: u64,
     backoff: Backoff,
@@ -253,7 +253,7 @@ impl Daemon {
                 }, if stop_by.is_none() => {
                     tracing::info!("stopping: finishing the file being written, starting nothing new");
                     self.notify(sdnotify::STOPPING);
-                    self.shutdown.store(true, Ordering::Relaxed);
+                    self.shutdown.cancel();
                     if running.is_none() {
                         break;
                     }
@@ -387,7 +387,7 @@ impl Daemon {
         let manifest = self.manifest.clone();
         let client = self.client.clone();
         let options = PassOptions {
-            shutdown: Some(self.shutdown.clone()),
+            shutdown: self.shutdown.clone(),
             held: self.held.clone(),
             ..PassOptions::default()
         };

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use crate::kps::export::{self, ExportError, Fallback, FallbackReason};
 use crate::kps::{Class, KeypairInfo, KpsClient, KpsError, Listing, MAX_BATCH};
@@ -107,8 +108,10 @@ pub enum PassError {
 /// Inputs of a pass besides the manifest.
 #[derive(Clone, Default)]
 pub struct PassOptions {
-    /// Set by SIGTERM: finish the file being written, start nothing new.
-    pub shutdown: Option<Arc<AtomicBool>>,
+    /// Cancelled by the caller (the daemon on SIGTERM) to stop the pass: the file being
+    /// written is finished, nothing new starts, exports in flight are dropped, and what was
+    /// written is saved at once. The default token is never cancelled.
+    pub shutdown: CancellationToken,
     /// List KPS whatever `rotation_check` says (`reconcile --check-rotation`).
     pub check_rotation: bool,
     /// The live progress line of a `reconcile` at a terminal (off by default).
@@ -120,20 +123,7 @@ pub struct PassOptions {
 
 impl PassOptions {
     fn stopping(&self) -> bool {
-        self.shutdown
-            .as_ref()
-            .is_some_and(|s| s.load(Ordering::Relaxed))
-    }
-
-    /// Resolves once shutdown is asked for (never without a flag), so exports still in flight
-    /// are dropped and the pass saves what it wrote at once.
-    async fn stopped(&self) {
-        if self.shutdown.is_none() {
-            return std::future::pending().await;
-        }
-        while !self.stopping() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        self.shutdown.is_cancelled()
     }
 }
 
@@ -979,7 +969,7 @@ async fn export_and_write(
             options.progress.batch_started();
             let exported = tokio::select! {
                 exported = export::export_batch(&client, &names, remote.as_deref()) => exported,
-                () = options.stopped() => return BatchDone::default(),
+                () = options.shutdown.cancelled() => return BatchDone::default(),
             };
             options.progress.batch_done(names.len());
             let fallbacks = exported.fallbacks;
