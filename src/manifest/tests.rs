@@ -495,7 +495,7 @@ fn unknown_region_names_the_closest_and_suggests_endpoint() {
         "3:11",
         &[
             "`cn-north4` is not a region where KPS exists",
-            "`cn-north-4`",
+            "did you mean `cn-north-4`? For a private cloud, give `endpoint:`",
             "endpoint:",
         ],
     );

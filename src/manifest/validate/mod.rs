@@ -13,8 +13,8 @@ use std::time::Duration;
 use super::error::{Location, Problem};
 use super::locate::{Seg, Target, locate, path, scan_key_lines};
 use super::raw::{
-    Present, RawAuth, RawDefaults, RawKey, RawKps, RawManifest, RawMode, RawOnChange, RawPublicKey,
-    RawSettings, Text,
+    Present, RawAuth, RawDefaults, RawEcs, RawIam, RawKey, RawKps, RawManifest, RawMode,
+    RawOnChange, RawPublicKey, RawSettings, Text,
 };
 use super::regions;
 use super::rules::{HttpRule, check_url, normalize, parse_mode, valid_name, valid_region};
@@ -407,62 +407,79 @@ impl Checker<'_> {
             p.push(Seg::Key(k.into()));
             p
         };
-        let mode = raw.mode.map(|m| {
-            if let RawMode::Text(t) = &m
-                && self.unquoted_mode_possible
-                && is_plain_scalar(self.text, &at("mode"))
-            {
-                self.problem(
-                    at("mode"),
-                    Target::Value,
-                    format!(
-                        "`mode: {t}` is unquoted: YAML 1.1 readers take it as an octal or a \
-                         decimal number; write it quoted: `mode: \"{t}\"`"
-                    ),
-                );
-                return None;
+        let in_defaults = base == path(&["defaults"]);
+        Fields {
+            mode: raw.mode.map(|m| self.mode(&m, at("mode"))),
+            owner: raw
+                .owner
+                .map(|o| self.principal(&o, at("owner"), Kind::User)),
+            group: raw
+                .group
+                .map(|g| self.principal(&g, at("group"), Kind::Group)),
+            recipients: raw
+                .age_recipients
+                .map(|list| self.recipients(&list, &at("age_recipients"))),
+            recipients_file: raw
+                .age_recipients_file
+                .map(|f| self.recipients_file(&f, at("age_recipients_file"))),
+            armor: raw.armor,
+            on_change: raw.on_change.map(|o| self.on_change(o, at("on_change"))),
+            public_key: raw
+                .public_key
+                .map(|p| self.public_key(p, at("public_key"), in_defaults)),
+        }
+    }
+
+    fn mode(&mut self, m: &RawMode, at: Vec<Seg>) -> Option<u32> {
+        if let RawMode::Text(t) = m
+            && self.unquoted_mode_possible
+            && is_plain_scalar(self.text, &at)
+        {
+            self.problem(
+                at,
+                Target::Value,
+                format!(
+                    "`mode: {t}` is unquoted: YAML 1.1 readers take it as an octal or a \
+                     decimal number; write it quoted: `mode: \"{t}\"`"
+                ),
+            );
+            return None;
+        }
+        match parse_mode(m) {
+            Ok(mode) => Some(mode),
+            Err(why) => {
+                self.problem(at, Target::Value, why);
+                None
             }
-            match parse_mode(&m) {
-                Ok(mode) => Some(mode),
+        }
+    }
+
+    /// `age_recipients:`, each checked; `None` if any is wrong.
+    fn recipients(&mut self, list: &[Text], at: &[Seg]) -> Option<Vec<Recipient>> {
+        let mut out = Vec::new();
+        let mut ok = true;
+        for (i, text) in list.iter().enumerate() {
+            let mut item = at.to_vec();
+            item.push(Seg::Index(i));
+            match ParsedRecipient::parse(text.as_str()) {
+                Ok(parsed) => out.push(Recipient {
+                    text: text.as_str().trim().to_string(),
+                    parsed,
+                }),
                 Err(why) => {
-                    self.problem(at("mode"), Target::Value, why);
-                    None
+                    self.problem(item, Target::Value, format!("age recipient: {why}"));
+                    ok = false;
                 }
             }
-        });
-        let owner = raw
-            .owner
-            .map(|o| self.principal(&o, at("owner"), Kind::User));
-        let group = raw
-            .group
-            .map(|g| self.principal(&g, at("group"), Kind::Group));
-        let recipients = raw.age_recipients.map(|list| {
-            let mut out = Vec::new();
-            let mut ok = true;
-            for (i, text) in list.iter().enumerate() {
-                let mut item = at("age_recipients");
-                item.push(Seg::Index(i));
-                match ParsedRecipient::parse(text.as_str()) {
-                    Ok(parsed) => out.push(Recipient {
-                        text: text.as_str().trim().to_string(),
-                        parsed,
-                    }),
-                    Err(why) => {
-                        self.problem(item, Target::Value, format!("age recipient: {why}"));
-                        ok = false;
-                    }
-                }
-            }
-            ok.then_some(out)
-        });
-        let recipients_file = raw
-            .age_recipients_file
-            .map(|f| self.recipients_file(&f, at("age_recipients_file")));
-        let armor = raw.armor;
-        let on_change = raw.on_change.map(|o| match o {
+        }
+        ok.then_some(out)
+    }
+
+    fn on_change(&mut self, raw: RawOnChange, at: Vec<Seg>) -> Option<Vec<String>> {
+        match raw {
             RawOnChange::List(argv) if argv.first().is_some_and(|a| a.as_str().is_empty()) => {
                 self.problem(
-                    at("on_change"),
+                    at,
                     Target::Value,
                     "`on_change:` starts with an empty program name: write the command first, \
                      e.g. [\"systemctl\", \"reload\", \"nginx\"]",
@@ -476,7 +493,7 @@ impl Checker<'_> {
                     .map(|w| format!("\"{}\"", w.escape_debug()))
                     .collect();
                 self.problem(
-                    at("on_change"),
+                    at,
                     Target::Value,
                     format!(
                         "`on_change:` must be a list (argv, run without a shell): write \
@@ -486,14 +503,21 @@ impl Checker<'_> {
                 );
                 None
             }
-        });
-        let in_defaults = base == path(&["defaults"]);
-        let public_key = raw.public_key.map(|p| match p {
+        }
+    }
+
+    fn public_key(
+        &mut self,
+        raw: RawPublicKey,
+        at: Vec<Seg>,
+        in_defaults: bool,
+    ) -> Option<PublicKeyChoice> {
+        match raw {
             RawPublicKey::Flag(false) => Some(PublicKeyChoice::Off),
             RawPublicKey::Flag(true) => Some(PublicKeyChoice::Beside),
             RawPublicKey::Path(_) if in_defaults => {
                 self.problem(
-                    at("public_key"),
+                    at,
                     Target::Value,
                     "a path in `defaults.public_key` would give every key the same public key \
                      file: write `public_key: true` (each key's PATH.pub), or give paths per key",
@@ -501,18 +525,8 @@ impl Checker<'_> {
                 None
             }
             RawPublicKey::Path(p) => self
-                .resolve(&p, at("public_key"), "public_key")
+                .resolve(&p, at, "public_key")
                 .map(PublicKeyChoice::Path),
-        });
-        Fields {
-            mode,
-            owner,
-            group,
-            recipients,
-            recipients_file,
-            armor,
-            on_change,
-            public_key,
         }
     }
 
