@@ -24,7 +24,10 @@ pub const LOCK_WAIT: Duration = Duration::from_secs(10);
 /// Load the manifest or print why not.
 pub fn load_manifest(path: &Path) -> Result<Manifest, u8> {
     let manifest = manifest::load(path).map_err(|e| {
-        eprintln!("error: {e}");
+        // One `error:` line per problem, so each can be found with grep.
+        for line in e.to_string().lines() {
+            eprintln!("error: {line}");
+        }
         EXIT_INVALID
     })?;
     if manifest.keys.is_empty() {
