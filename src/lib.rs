@@ -18,6 +18,7 @@ pub mod keys;
 pub mod kps;
 pub mod logging;
 pub mod manifest;
+pub mod meta;
 pub mod metrics;
 pub mod observe;
 pub mod plan;

@@ -18,9 +18,9 @@ use std::fmt;
 use std::path::PathBuf;
 
 use crate::manifest::KeySpec;
+use crate::meta::FileMeta;
 use crate::observe::{FileFacts, Observed, ObservedFiles};
 use crate::state::State;
-use crate::write::FileMeta;
 
 /// What one managed key must look like on disk.
 #[derive(Debug, Clone, PartialEq, Eq)]

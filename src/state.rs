@@ -19,7 +19,8 @@ use serde::{Deserialize, Serialize};
 
 pub mod journal;
 
-use crate::write::{self, FileMeta, Prior, WriteError};
+use crate::meta::FileMeta;
+use crate::write::{self, Prior, WriteError};
 
 pub const STATE_FILE: &str = "state.json";
 pub const LOCK_FILE: &str = "lock";

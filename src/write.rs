@@ -52,29 +52,11 @@ use std::path::{Component, Path, PathBuf};
 use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags, RenameFlags, ResolveFlags};
 use rustix::io::Errno;
 
+use crate::meta::FileMeta;
 use crate::observe::{self, Observed};
 
 /// Linux's own limit on symlinks in one lookup.
 const MAX_SYMLINKS: usize = 40;
-
-/// What the file must look like besides its bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FileMeta {
-    /// Permission bits (at most 0o777; the manifest allows far less).
-    pub mode: u32,
-    /// chown to this uid; `None` keeps the writer's own.
-    pub uid: Option<u32>,
-    /// chown to this gid; `None` keeps the writer's own.
-    pub gid: Option<u32>,
-}
-
-impl FileMeta {
-    pub const PRIVATE: FileMeta = FileMeta {
-        mode: 0o600,
-        uid: None,
-        gid: None,
-    };
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
