@@ -7,11 +7,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
 use crate::auth::Auth;
+use crate::daemon::{self, DaemonConfig};
+use crate::kps::connect::{self, SetupError, trusted_credentials};
 use crate::kps::{KpsClient, RetryPolicy};
 use crate::manifest::{self, Manifest};
 use crate::plan::{Change, PublicChange};
 use crate::reconcile::{self, PassOptions, PassReport};
+use crate::sdnotify::{self, Notifier};
 use crate::state::{self, State};
 
 pub const EXIT_OK: u8 = 0;
@@ -51,31 +57,8 @@ pub fn client_for(manifest: &Manifest) -> Result<Arc<KpsClient>, u8> {
     })
 }
 
-/// [`client_for`] that returns the reason instead of printing it. Every command that talks to
-/// KPS builds its client here, so none skips the strict-mode check of the credentials.
-fn build_client(manifest: &Manifest) -> Result<Arc<KpsClient>, String> {
-    let auth = Auth::resolve(&manifest.kps, &env_var).map_err(|e| e.to_string())?;
-    trusted_credentials(&auth).map_err(|e| e.to_string())?;
-    tracing::info!(source = %auth.source(), endpoint = %manifest.kps.endpoint, "using KPS credentials");
-    KpsClient::new(
-        &manifest.kps,
-        &manifest.settings,
-        Arc::new(auth),
-        RetryPolicy::default(),
-    )
-    .map(Arc::new)
-    .map_err(|e| e.to_string())
-}
-
-/// Strict modes for the SDK credentials file found through `$HOME` (the files the manifest
-/// names were checked when it loaded).
-pub fn trusted_credentials(auth: &Auth) -> Result<(), crate::trust::Untrusted> {
-    match auth.source() {
-        crate::auth::Source::CredentialsFile(path) => {
-            crate::trust::check(path, crate::trust::Input::Credential)
-        }
-        _ => Ok(()),
-    }
+fn build_client(manifest: &Manifest) -> Result<Arc<KpsClient>, SetupError> {
+    connect::client_for(manifest, RetryPolicy::default()).map(Arc::new)
 }
 
 /// Take the state folder's lock, waiting up to [`LOCK_WAIT`], or print why not.
@@ -92,6 +75,63 @@ pub async fn take_lock(manifest: &Manifest) -> Result<state::Lock, u8> {
             Err(EXIT_FAILED)
         }
     }
+}
+
+/// `kps-sync run`: the daemon, with SIGTERM/SIGINT as its shutdown and SIGHUP as its reload.
+/// Exits 0 when stopped; at start, 2 for an invalid manifest or credentials, 1 when the lock is
+/// held, metrics cannot be served or signals cannot be set up.
+pub async fn run(manifest_path: &Path) -> u8 {
+    // Signals first, so a SIGTERM during the first pass is ours to handle.
+    let (shutdown, reload) = match signal_inputs() {
+        Ok(inputs) => inputs,
+        Err(e) => {
+            eprintln!("error: cannot install signal handlers: {e}");
+            return EXIT_FAILED;
+        }
+    };
+    let config = DaemonConfig {
+        lock_wait: LOCK_WAIT,
+        notifier: Notifier::from_env(),
+        watchdog: sdnotify::watchdog_interval_from_env(),
+        ..DaemonConfig::new(manifest_path)
+    };
+    match daemon::run(config, shutdown, reload).await {
+        Ok(_) => EXIT_OK,
+        Err(e) => {
+            eprintln!("error: {e}");
+            if e.is_invalid_input() {
+                EXIT_INVALID
+            } else {
+                EXIT_FAILED
+            }
+        }
+    }
+}
+
+/// SIGTERM and SIGINT cancel the token; each SIGHUP asks for a reload (one waiting already
+/// covers the next).
+fn signal_inputs() -> std::io::Result<(CancellationToken, mpsc::Receiver<()>)> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let shutdown = CancellationToken::new();
+    let (tx, reload) = mpsc::channel(1);
+    let token = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+        token.cancel();
+    });
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the manifest");
+            let _ = tx.try_send(());
+        }
+    });
+    Ok((shutdown, reload))
 }
 
 /// `kps-sync reconcile`: one pass, then exit.
@@ -294,7 +334,7 @@ async fn plan_with_listing(
                 .map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         },
-        Err(e) => Err(e),
+        Err(e) => Err(e.to_string()),
     };
     match listing {
         Ok(Some(listing)) => observation.plan(manifest, Some(&listing)),

@@ -1,201 +1,275 @@
 //! The daemon (`kps-sync run`): a first pass, then one loop that every trigger wakes, each
-//! running the same [`reconcile_once`] as the one-shot command (the kube-runtime pattern:
-//! events only wake the loop, the interval pass is the safety net because events get lost).
+//! running the same [`reconcile_once`](crate::reconcile::reconcile_once) as the one-shot command
+//! (the kube-runtime pattern: events only wake the loop, the interval pass is the safety net
+//! because events get lost).
+//!
+//! [`run`] is the whole daemon as a library call, as mini-redis's `server::run(listener,
+//! shutdown)`: it takes a [`DaemonConfig`], a shutdown token and a channel of reload requests,
+//! and needs nothing from the command line. The binary turns SIGTERM/SIGINT into the token and
+//! SIGHUP into reloads; a test hands in its own and runs the same loop in-process.
 //!
 //! Triggers: a manifest change (its folder is watched; debounced; only a change of content
-//! counts), SIGHUP (reload now), a managed file or its folder changed (drift), the interval,
-//! and the retry backoff after a failed pass.
+//! counts), a reload request (re-read now), a managed file or its folder changed (drift), the
+//! interval, and the retry backoff after a failed pass.
 //!
 //! Invariants:
+//! - the manifest is read, the client built and the state lock taken in one place each
+//!   ([`Loaded::from_bytes`], [`take_lock`]), at start and on every reload alike;
 //! - the state lock is held for the daemon's whole life: one daemon per state folder, and a
 //!   cron `reconcile` waits for it, then gives up with a clear message;
 //! - at most one pass runs at a time; wakes that arrive during a pass are remembered and
 //!   answered by one more pass after it (which is a no-op plan when the only change was our own
 //!   write, so it costs no KPS call);
 //! - a manifest that does not load changes nothing: the last good manifest stays in force;
-//! - SIGTERM/SIGINT set the pass's shutdown flag (finish the file being written, start nothing
-//!   new) and the daemon exits 0 within [`STOP_GRACE`];
+//! - shutdown finishes the file being written, starts nothing new, and [`run`] returns `Ok`
+//!   within [`STOP_GRACE`];
 //! - retries follow the failure's class: a transient one (429, 5xx, transport, a failed write)
-//!   is retried with a doubling backoff capped at `interval`; a permanent one (not found, not
-//!   hosted, frozen, conflict, mismatch) is held, not exported again, until the manifest
-//!   changes, SIGHUP, or the next `interval` pass; never a spin, never an exit;
+//!   is retried with a doubling, jittered backoff capped at `interval`; a permanent one (not
+//!   found, not hosted, frozen, conflict, mismatch) is held, not exported again, until the
+//!   manifest changes, a reload, or the next `interval` pass; never a spin, never an exit;
 //! - the daemon's own writes never wake it: a file event is drift only if some managed file
 //!   there is no longer as the last pass left it (the bytes it recorded, the declared mode,
 //!   owner and group; or still missing after a failed export);
 //! - idle, the loop sleeps in `select!` until the next deadline: no polling unless
 //!   `watch: poll` asks for it.
 
-use std::collections::{BTreeMap, BTreeSet};
+mod schedule;
+mod status;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
-use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinError, JoinHandle};
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::Auth;
-use crate::commands::{self, EXIT_FAILED, EXIT_OK};
+use crate::kps::connect::{self, SetupError};
 use crate::kps::{KpsClient, RetryPolicy};
-use crate::manifest::{self, Manifest, Settings};
+use crate::manifest::{self, KeySpec, Manifest, ManifestError, Settings};
 use crate::observe::{self, Observed};
 use crate::plan::Change;
 use crate::reconcile::{self, FailureClass, KeyFailure, PassError, PassOptions, PassReport};
 use crate::sdnotify::{self, Notifier};
-use crate::state::{self, State};
+use crate::state::{self, State, StateError};
 use crate::watch::{Targets, Wake, Watcher};
 
-/// After SIGTERM, how long the pass in flight may take to finish the file it is writing. Past
+pub use schedule::{Backoff, Debouncer, FIRST_RETRY, JITTER};
+use schedule::{Schedule, sleep_until};
+pub use status::{LastPass, Snapshot, Verdict, status_text, verdict};
+
+/// After shutdown, how long the pass in flight may take to finish the file it is writing. Past
 /// this, requests still waiting on KPS are dropped (no file is half-written: the writer renames
 /// a complete temporary file into place or leaves the old file alone).
 pub const STOP_GRACE: Duration = Duration::from_millis(1500);
 
-/// First retry delay after a failed pass; doubles up to `interval`.
-pub const FIRST_RETRY: Duration = Duration::from_secs(5);
-
 /// How often `watch: poll` looks, at most (less when `interval` is shorter).
 pub const POLL_EVERY: Duration = Duration::from_secs(2);
 
-/// Run the daemon until SIGTERM or SIGINT (exit 0). Startup failures exit like `reconcile`:
-/// 2 for an invalid manifest or credentials, 1 when the lock is held or signals cannot be set up.
-pub async fn run(manifest_path: &Path) -> u8 {
-    // Signals first, so a SIGTERM during the first pass is ours to handle.
-    let signals = match Signals::new() {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: cannot install signal handlers: {e}");
-            return EXIT_FAILED;
-        }
-    };
-    let given = std::path::absolute(manifest_path).unwrap_or_else(|_| manifest_path.to_path_buf());
-    let seen_hash = manifest_hash(&given).ok();
-    let manifest = match commands::load_manifest(&given) {
-        Ok(m) => m,
-        Err(code) => return code,
-    };
-    let client = match commands::client_for(&manifest) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let lock = match commands::take_lock(&manifest).await {
-        Ok(lock) => lock,
-        Err(code) => return code,
-    };
-    if let Some(addr) = manifest.settings.metrics_listen {
-        match crate::metrics::bind(addr).await {
-            Ok(listener) => {
-                tracing::info!(%addr, "serving /metrics");
-                tokio::spawn(crate::metrics::serve(listener));
-            }
-            Err(e) => {
-                eprintln!(
-                    "error: cannot serve metrics on {addr} (settings.metrics_listen): {e}; pick a free port or remove the setting"
-                );
-                return EXIT_FAILED;
-            }
+/// What the daemon is given besides its shutdown and reload inputs.
+#[derive(Debug)]
+pub struct DaemonConfig {
+    /// The manifest as given (made absolute by [`run`]): what is read, re-read and watched.
+    pub manifest_path: PathBuf,
+    /// How long to wait at start for a state lock held by a one-shot `reconcile`.
+    pub lock_wait: Duration,
+    /// How hard the KPS client tries each request; the daemon's own retries come on top.
+    pub retry: RetryPolicy,
+    /// systemd's notify socket: `READY=1` after the first pass, `STATUS=`, `STOPPING=1`.
+    pub notifier: Option<Notifier>,
+    /// How often to send `WATCHDOG=1` (half of systemd's `WATCHDOG_USEC`), if at all.
+    pub watchdog: Option<Duration>,
+    /// Where to publish a [`Snapshot`] whenever a pass starts or ends.
+    pub snapshots: Option<watch::Sender<Snapshot>>,
+}
+
+impl DaemonConfig {
+    /// The manifest at `manifest_path`, no lock wait, the client's default retries, no systemd.
+    pub fn new(manifest_path: impl Into<PathBuf>) -> DaemonConfig {
+        DaemonConfig {
+            manifest_path: manifest_path.into(),
+            lock_wait: Duration::ZERO,
+            retry: RetryPolicy::default(),
+            notifier: None,
+            watchdog: None,
+            snapshots: None,
         }
     }
-    let watcher = Watcher::new(manifest.settings.watch, poll_every(&manifest.settings));
-    tracing::info!(
-        manifest = %given.display(),
-        keys = manifest.keys.len(),
-        interval = %humantime::format_duration(manifest.settings.interval),
-        watch = if watcher.is_polling() { "poll" } else { "inotify" },
-        "daemon starting"
-    );
-    let mut daemon = Daemon {
-        manifest_path: given,
-        manifest: Arc::new(manifest),
-        seen_hash,
-        client,
-        _lock: lock,
-        notifier: Notifier::from_env(),
-        watcher,
-        shutdown: CancellationToken::new(),
-        drift: 0,
-        backoff: Backoff::default(),
-        held: BTreeMap::new(),
-        drifted: BTreeSet::new(),
-        settled: Vec::new(),
-        last: None,
-        manifest_rejected: false,
+}
+
+/// Why the daemon could not start; nothing was exported.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The manifest, the credentials or the client they call for: the caller's input is at fault.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// The state lock is held by another daemon or a pass, or could not be taken.
+    #[error(transparent)]
+    Lock(#[from] StateError),
+    #[error("cannot take the state lock: {0}")]
+    LockTask(#[from] JoinError),
+    #[error(
+        "cannot serve metrics on {addr} (settings.metrics_listen): {source}; pick a free port or remove the setting"
+    )]
+    Metrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+impl DaemonError {
+    /// Is the input at fault (the manifest or the credentials), rather than the host's state?
+    pub fn is_invalid_input(&self) -> bool {
+        matches!(self, DaemonError::Load(_))
+    }
+}
+
+/// Why a manifest (at start or on reload) was not put in force.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    /// A reload moved `state_dir` to a folder whose lock is held.
+    #[error("state_dir changed: {0}")]
+    StateDir(StateError),
+}
+
+/// How the daemon ended: by shutdown, after the pass in flight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stopped {
+    /// Managed files restored or fixed while it ran.
+    pub drift: u64,
+}
+
+/// Run the daemon until `shutdown` is cancelled; each message on `reload` re-reads the manifest
+/// and runs a pass now (a closed channel just means no more reloads).
+pub async fn run(
+    config: DaemonConfig,
+    shutdown: CancellationToken,
+    reload: mpsc::Receiver<()>,
+) -> Result<Stopped, DaemonError> {
+    let path =
+        std::path::absolute(&config.manifest_path).unwrap_or_else(|_| config.manifest_path.clone());
+    let bytes = manifest::read(&path).map_err(LoadError::from)?;
+    let hash = Sha256::digest(&bytes).into();
+    let loaded = Loaded::from_bytes(bytes, &path, &config.retry)?;
+    if loaded.manifest.keys.is_empty() {
+        tracing::warn!(
+            "{}: no keys under `keys:`, so nothing is managed; add `name: /path` lines",
+            loaded.manifest.path.display()
+        );
+    }
+    let lock = take_lock(&loaded.manifest.settings.state_dir, config.lock_wait).await?;
+    let _metrics = serve_metrics(loaded.manifest.settings.metrics_listen).await?;
+    let mut daemon = Daemon::new(config, path, loaded, hash, lock, shutdown, reload);
+    daemon.serve().await;
+    Ok(Stopped {
+        drift: daemon.drift,
+    })
+}
+
+/// The state folder's lock, waiting up to `wait` for a pass that holds it.
+pub async fn take_lock(state_dir: &Path, wait: Duration) -> Result<state::Lock, DaemonError> {
+    let dir = state_dir.to_path_buf();
+    Ok(tokio::task::spawn_blocking(move || state::lock(&dir, wait)).await??)
+}
+
+/// Aborts the metrics server when the daemon returns.
+struct AbortOnDrop(Option<JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(task) = &self.0 {
+            task.abort();
+        }
+    }
+}
+
+async fn serve_metrics(addr: Option<SocketAddr>) -> Result<AbortOnDrop, DaemonError> {
+    let Some(addr) = addr else {
+        return Ok(AbortOnDrop(None));
     };
-    daemon.watcher.set_targets(daemon.targets());
-    daemon.serve(signals).await
+    let listener = crate::metrics::bind(addr)
+        .await
+        .map_err(|source| DaemonError::Metrics { addr, source })?;
+    tracing::info!(%addr, "serving /metrics");
+    Ok(AbortOnDrop(Some(tokio::spawn(crate::metrics::serve(
+        listener,
+    )))))
 }
 
-/// SIGTERM, SIGINT and SIGHUP as streams.
-struct Signals {
-    term: Signal,
-    int: Signal,
-    hup: Signal,
+/// A manifest and the client built for it: what a pass runs with.
+struct Loaded {
+    manifest: Arc<Manifest>,
+    client: Arc<KpsClient>,
 }
 
-impl Signals {
-    fn new() -> std::io::Result<Signals> {
-        Ok(Signals {
-            term: signal(SignalKind::terminate())?,
-            int: signal(SignalKind::interrupt())?,
-            hup: signal(SignalKind::hangup())?,
+impl Loaded {
+    /// Validate the manifest bytes read from `path` and build its client. The one place the
+    /// daemon does either, at start and on every reload.
+    fn from_bytes(bytes: Vec<u8>, path: &Path, retry: &RetryPolicy) -> Result<Loaded, LoadError> {
+        let manifest = manifest::load_bytes(bytes, path)?;
+        let client = connect::client_for(&manifest, retry.clone())?;
+        Ok(Loaded {
+            manifest: Arc::new(manifest),
+            client: Arc::new(client),
         })
-    }
-}
-
-/// A signal's next delivery; a closed stream (runtime shutting down) never fires, so a `None`
-/// cannot turn the loop into a spin.
-async fn next_signal(sig: &mut Signal) {
-    if sig.recv().await.is_none() {
-        std::future::pending::<()>().await;
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn tick(interval: &mut Option<Interval>) {
-    match interval {
-        Some(i) => {
-            i.tick().await;
-        }
-        None => std::future::pending().await,
     }
 }
 
 type PassResult = Result<Result<PassReport, PassError>, JoinError>;
 
-async fn join(running: &mut Option<JoinHandle<Result<PassReport, PassError>>>) -> PassResult {
-    match running {
-        Some(handle) => handle.await,
-        None => std::future::pending().await,
-    }
+/// What the loop waits for; each is answered by one short handler.
+enum Event {
+    Shutdown,
+    Reload,
+    Wake(Wake),
+    ManifestDue,
+    PassDone(PassResult),
+    PassDue,
+    StopTimeout,
+    Watchdog,
 }
 
 struct Daemon {
-    /// The manifest as given on the command line, made absolute: what is re-read and watched.
+    /// The manifest as given, made absolute: what is re-read and watched.
     manifest_path: PathBuf,
     /// The last good manifest; a pass always runs with this one.
     manifest: Arc<Manifest>,
+    client: Arc<KpsClient>,
     /// Hash of the manifest bytes last looked at, loaded or not: a touch, or a rewrite with the
     /// same bytes, does nothing, and a bad edit is reported once, not on every event.
     seen_hash: Option<[u8; 32]>,
-    client: Arc<KpsClient>,
     /// Held for life: one daemon per state folder.
     _lock: state::Lock,
+    /// For the client of each manifest reloaded.
+    retry: RetryPolicy,
     notifier: Option<Notifier>,
+    watchdog: Option<Interval>,
+    snapshots: Option<watch::Sender<Snapshot>>,
     watcher: Watcher,
-    /// Shared with the pass in flight: SIGTERM cancels it.
+    /// Also handed to each pass: finish the file being written, start nothing new.
     shutdown: CancellationToken,
+    reload: mpsc::Receiver<()>,
+    /// The pass in flight.
+    running: Option<JoinHandle<Result<PassReport, PassError>>>,
+    schedule: Schedule,
+    /// `READY=1` was sent (after the first pass).
+    ready: bool,
+    passes_started: u64,
+    passes_done: u64,
     /// Managed files restored or fixed since start (deleted, altered, chmod/chown'ed by others).
     drift: u64,
     backoff: Backoff,
     /// Keys whose last failure was permanent: not exported again until the manifest changes,
-    /// SIGHUP, or the next interval pass.
+    /// a reload, or the next interval pass.
     held: BTreeMap<String, KeyFailure>,
     /// Paths file events named since the last pass; judged before a drift pass runs.
     drifted: BTreeSet<PathBuf>,
@@ -208,173 +282,253 @@ struct Daemon {
 }
 
 impl Daemon {
-    async fn serve(&mut self, mut signals: Signals) -> u8 {
-        let mut running = Some(self.start_pass());
-        let mut ready = false;
-        // Each deadline below is `None` when nothing is pending.
-        let mut next_full = Instant::now() + self.manifest.settings.interval;
-        // A transient failure's retry.
-        let mut retry_at: Option<Instant> = None;
-        // The next pass must run whatever the file events were (SIGHUP, a new manifest, lost
-        // events, a retry).
-        let mut forced = false;
-        let mut soon = Debouncer::new(
-            self.manifest.settings.debounce,
-            self.manifest.settings.debounce,
+    fn new(
+        config: DaemonConfig,
+        manifest_path: PathBuf,
+        loaded: Loaded,
+        hash: [u8; 32],
+        lock: state::Lock,
+        shutdown: CancellationToken,
+        reload: mpsc::Receiver<()>,
+    ) -> Daemon {
+        let settings = &loaded.manifest.settings;
+        let watcher = Watcher::new(settings.watch, poll_every(settings));
+        tracing::info!(
+            manifest = %manifest_path.display(),
+            keys = loaded.manifest.keys.len(),
+            interval = %humantime::format_duration(settings.interval),
+            watch = if watcher.is_polling() { "poll" } else { "inotify" },
+            "daemon starting"
         );
-        let mut manifest_check = Debouncer::manifest(self.manifest.settings.debounce);
-        let mut dirty = false;
-        let mut reload = false;
-        let mut stop_by: Option<Instant> = None;
-        let mut watchdog = sdnotify::watchdog_interval_from_env().map(|period| {
+        let watchdog = config.watchdog.map(|period| {
+            tracing::debug!("systemd watchdog enabled");
             let mut i = tokio::time::interval(period);
             i.set_missed_tick_behavior(MissedTickBehavior::Delay);
             i
         });
-        if watchdog.is_some() {
-            tracing::debug!("systemd watchdog enabled");
-        }
-        self.notify(&sdnotify::status("first pass running"));
+        let mut daemon = Daemon {
+            manifest_path,
+            schedule: Schedule::new(settings.interval, settings.debounce),
+            manifest: loaded.manifest,
+            client: loaded.client,
+            seen_hash: Some(hash),
+            _lock: lock,
+            retry: config.retry,
+            notifier: config.notifier,
+            watchdog,
+            snapshots: config.snapshots,
+            watcher,
+            shutdown,
+            reload,
+            running: None,
+            ready: false,
+            passes_started: 0,
+            passes_done: 0,
+            drift: 0,
+            backoff: Backoff::default(),
+            held: BTreeMap::new(),
+            drifted: BTreeSet::new(),
+            settled: Vec::new(),
+            last: None,
+            manifest_rejected: false,
+        };
+        daemon.watcher.set_targets(daemon.targets());
+        daemon
+    }
 
+    async fn serve(&mut self) {
+        self.notify(&sdnotify::status("first pass running"));
+        self.start_pass();
         loop {
-            let idle = running.is_none() && stop_by.is_none();
-            let pass_at = idle.then(|| {
-                [soon.deadline(), retry_at]
-                    .into_iter()
-                    .flatten()
-                    .fold(next_full, Instant::min)
-            });
-            tokio::select! {
-                _ = async {
-                    tokio::select! {
-                        _ = next_signal(&mut signals.term) => {},
-                        _ = next_signal(&mut signals.int) => {},
-                    }
-                }, if stop_by.is_none() => {
-                    tracing::info!("stopping: finishing the file being written, starting nothing new");
-                    self.notify(sdnotify::STOPPING);
-                    self.shutdown.cancel();
-                    if running.is_none() {
-                        break;
-                    }
-                    stop_by = Some(Instant::now() + STOP_GRACE);
-                }
-                _ = next_signal(&mut signals.hup), if stop_by.is_none() => {
-                    tracing::info!("SIGHUP: reloading the manifest");
-                    if running.is_some() {
-                        reload = true;
-                    } else {
-                        self.check_manifest(true);
-                        self.held.clear();
-                        forced = true;
-                        soon.fire_now();
-                    }
-                }
-                wake = self.watcher.next(), if stop_by.is_none() => match wake {
-                    Wake::Manifest => manifest_check.poke(),
-                    Wake::Drift(path) => {
-                        tracing::debug!(path = %path.display(), "change seen in a managed path");
-                        self.drifted.insert(path);
-                        if running.is_some() { dirty = true } else { soon.poke() }
-                    }
-                    Wake::Rescan => {
-                        tracing::info!("file events were lost; checking everything");
-                        manifest_check.poke();
-                        forced = true;
-                        if running.is_some() { dirty = true } else { soon.poke() }
-                    }
-                },
-                _ = sleep_until(manifest_check.deadline()), if running.is_none() && stop_by.is_none() => {
-                    manifest_check.clear();
-                    if self.check_manifest(false) {
-                        self.held.clear();
-                        forced = true;
-                        soon.fire_now();
-                    }
-                }
-                joined = join(&mut running), if running.is_some() => {
-                    running = None;
-                    if stop_by.is_some() {
-                        break;
-                    }
-                    let interval = self.manifest.settings.interval;
-                    retry_at = match self.after_pass(joined) {
-                        Verdict::Healthy => {
-                            self.backoff.reset();
-                            None
-                        }
-                        Verdict::Permanent => {
-                            self.backoff.reset();
-                            tracing::info!(keys = self.held.len(), retry_in = %humantime::format_duration(next_full.saturating_duration_since(Instant::now())), "keys failed for a reason retrying will not fix; retrying them at the next interval or when the manifest changes");
-                            None
-                        }
-                        Verdict::Transient => {
-                            let wait = self.backoff.next(interval);
-                            tracing::info!(retry_in = %humantime::format_duration(wait), "the pass did not bring every key in place; retrying");
-                            Some(Instant::now() + wait)
-                        }
-                    };
-                    let status = sdnotify::status(&self.status_text());
-                    if ready {
-                        self.notify(&status);
-                    } else {
-                        ready = true;
-                        self.notify(&sdnotify::join(&[sdnotify::READY, &status]));
-                    }
-                    // The pass may have made missing folders: watch them now.
-                    self.watcher.set_targets(self.targets());
-                    if self.watcher.is_polling() {
-                        // Polling takes its baseline now, after the pass: a file changed while
-                        // the pass was ending would never differ from it. Look once at every
-                        // key the pass left in place.
-                        self.drifted.extend(std::mem::take(&mut self.settled));
-                        if !self.drifted.is_empty() {
-                            soon.poke();
-                        }
-                    }
-                    if std::mem::take(&mut reload) {
-                        self.check_manifest(true);
-                        self.held.clear();
-                        forced = true;
-                        soon.fire_now();
-                    }
-                    if std::mem::take(&mut dirty) {
-                        soon.poke();
-                    }
-                }
-                _ = sleep_until(pass_at), if pass_at.is_some() => {
-                    soon.clear();
-                    let now = Instant::now();
-                    let full = now >= next_full;
-                    let retry = retry_at.is_some_and(|r| now >= r);
-                    let drifted = std::mem::take(&mut self.drifted);
-                    if !full && !retry && !std::mem::take(&mut forced) && self.all_own_writes(&drifted) {
-                        tracing::debug!(paths = drifted.len(), "file events were our own writes; no pass");
-                        continue;
-                    }
-                    if full {
-                        self.held.clear();
-                        next_full = now + self.manifest.settings.interval;
-                    }
-                    retry_at = None;
-                    running = Some(self.start_pass());
-                }
-                _ = sleep_until(stop_by), if stop_by.is_some() => {
-                    tracing::warn!("stopping without waiting for KPS requests still in flight");
-                    if let Some(handle) = running.take() {
-                        handle.abort();
-                    }
-                    break;
-                }
-                _ = tick(&mut watchdog), if watchdog.is_some() => self.notify(sdnotify::WATCHDOG),
+            let event = self.next_event().await;
+            if self.handle(event).is_break() {
+                break;
             }
-            // Settings may have changed with a reload.
-            soon.quiet = self.manifest.settings.debounce;
-            soon.max_wait = self.manifest.settings.debounce;
-            manifest_check.quiet = self.manifest.settings.debounce;
         }
         tracing::info!(drift = self.drift, "stopped");
-        EXIT_OK
+    }
+
+    /// Sleep until the next event. Every branch is cancel-safe.
+    async fn next_event(&mut self) -> Event {
+        let stopping = self.schedule.stop_by.is_some();
+        let busy = self.running.is_some();
+        let idle = !busy && !stopping;
+        let pass_at = idle.then(|| self.schedule.pass_at());
+        let manifest_at = self.schedule.manifest_check.deadline().filter(|_| idle);
+        let watching_dog = self.watchdog.is_some();
+        tokio::select! {
+            () = self.shutdown.cancelled(), if !stopping => Event::Shutdown,
+            () = next_reload(&mut self.reload), if !stopping => Event::Reload,
+            wake = self.watcher.next(), if !stopping => Event::Wake(wake),
+            () = sleep_until(manifest_at), if manifest_at.is_some() => Event::ManifestDue,
+            joined = join(&mut self.running), if busy => Event::PassDone(joined),
+            () = sleep_until(pass_at), if pass_at.is_some() => Event::PassDue,
+            () = sleep_until(self.schedule.stop_by), if stopping => Event::StopTimeout,
+            () = tick(&mut self.watchdog), if watching_dog => Event::Watchdog,
+        }
+    }
+
+    fn handle(&mut self, event: Event) -> ControlFlow<()> {
+        match event {
+            Event::Shutdown => return self.on_shutdown(),
+            Event::Reload => self.on_reload(),
+            Event::Wake(wake) => self.on_wake(wake),
+            Event::ManifestDue => self.on_manifest_due(),
+            Event::PassDone(joined) => return self.on_pass_done(joined),
+            Event::PassDue => self.on_pass_due(),
+            Event::StopTimeout => {
+                tracing::warn!("stopping without waiting for KPS requests still in flight");
+                if let Some(handle) = self.running.take() {
+                    handle.abort();
+                }
+                return ControlFlow::Break(());
+            }
+            Event::Watchdog => self.notify(sdnotify::WATCHDOG),
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn on_shutdown(&mut self) -> ControlFlow<()> {
+        tracing::info!("stopping: finishing the file being written, starting nothing new");
+        self.notify(sdnotify::STOPPING);
+        if self.running.is_none() {
+            return ControlFlow::Break(());
+        }
+        self.schedule.stop_by = Some(Instant::now() + STOP_GRACE);
+        ControlFlow::Continue(())
+    }
+
+    fn on_reload(&mut self) {
+        tracing::debug!("reload requested");
+        if self.running.is_some() {
+            self.schedule.reload = true;
+        } else {
+            self.reload_now();
+        }
+    }
+
+    /// Re-read the manifest whatever its hash, release the held keys, and run a pass now.
+    fn reload_now(&mut self) {
+        self.check_manifest(true);
+        self.held.clear();
+        self.schedule.force_now();
+    }
+
+    fn on_wake(&mut self, wake: Wake) {
+        match wake {
+            Wake::Manifest => self.schedule.manifest_check.poke(),
+            Wake::Drift(path) => {
+                tracing::debug!(path = %path.display(), "change seen in a managed path");
+                self.drifted.insert(path);
+                self.look_again();
+            }
+            Wake::Rescan => {
+                tracing::info!("file events were lost; checking everything");
+                self.schedule.manifest_check.poke();
+                self.schedule.forced = true;
+                self.look_again();
+            }
+        }
+    }
+
+    /// A pass soon, or one more after the pass in flight.
+    fn look_again(&mut self) {
+        if self.running.is_some() {
+            self.schedule.dirty = true;
+        } else {
+            self.schedule.soon.poke();
+        }
+    }
+
+    fn on_manifest_due(&mut self) {
+        self.schedule.manifest_check.clear();
+        if self.check_manifest(false) {
+            self.held.clear();
+            self.schedule.force_now();
+        }
+    }
+
+    fn on_pass_done(&mut self, joined: PassResult) -> ControlFlow<()> {
+        self.running = None;
+        if self.schedule.stop_by.is_some() {
+            return ControlFlow::Break(());
+        }
+        self.passes_done += 1;
+        let verdict = self.after_pass(joined);
+        self.schedule_retry(verdict);
+        let status = sdnotify::status(&self.status_text());
+        if self.ready {
+            self.notify(&status);
+        } else {
+            self.ready = true;
+            self.notify(&sdnotify::join(&[sdnotify::READY, &status]));
+        }
+        self.rewatch();
+        if std::mem::take(&mut self.schedule.reload) {
+            self.reload_now();
+        }
+        if std::mem::take(&mut self.schedule.dirty) {
+            self.schedule.soon.poke();
+        }
+        self.publish();
+        ControlFlow::Continue(())
+    }
+
+    fn schedule_retry(&mut self, verdict: Verdict) {
+        let interval = self.manifest.settings.interval;
+        self.schedule.retry_at = match verdict {
+            Verdict::Healthy => {
+                self.backoff.reset();
+                None
+            }
+            Verdict::Permanent => {
+                self.backoff.reset();
+                let left = self
+                    .schedule
+                    .next_full
+                    .saturating_duration_since(Instant::now());
+                tracing::info!(keys = self.held.len(), retry_in = %humantime::format_duration(left), "keys failed for a reason retrying will not fix; retrying them at the next interval or when the manifest changes");
+                None
+            }
+            Verdict::Transient => {
+                let wait = self.backoff.next(interval);
+                tracing::info!(retry_in = %humantime::format_duration(wait), "the pass did not bring every key in place; retrying");
+                Some(Instant::now() + wait)
+            }
+        };
+    }
+
+    /// After a pass: watch the folders it may have made, and with polling, look once at every
+    /// key it left in place (polling takes its baseline now, so a file changed while the pass
+    /// was ending would never differ from it).
+    fn rewatch(&mut self) {
+        self.watcher.set_targets(self.targets());
+        if self.watcher.is_polling() {
+            self.drifted.extend(std::mem::take(&mut self.settled));
+            if !self.drifted.is_empty() {
+                self.schedule.soon.poke();
+            }
+        }
+    }
+
+    fn on_pass_due(&mut self) {
+        self.schedule.soon.clear();
+        let now = Instant::now();
+        let full = now >= self.schedule.next_full;
+        let retry = self.schedule.retry_at.is_some_and(|r| now >= r);
+        let drifted = std::mem::take(&mut self.drifted);
+        if !full && !retry && !self.schedule.forced && self.all_own_writes(&drifted) {
+            tracing::debug!(
+                paths = drifted.len(),
+                "file events were our own writes; no pass"
+            );
+            return;
+        }
+        if full {
+            self.held.clear();
+            self.schedule.next_full = now + self.manifest.settings.interval;
+        }
+        self.start_pass();
     }
 
     fn notify(&self, message: &str) {
@@ -383,7 +537,10 @@ impl Daemon {
         }
     }
 
-    fn start_pass(&self) -> JoinHandle<Result<PassReport, PassError>> {
+    fn start_pass(&mut self) {
+        self.schedule.retry_at = None;
+        self.schedule.forced = false;
+        self.passes_started += 1;
         let manifest = self.manifest.clone();
         let client = self.client.clone();
         let options = PassOptions {
@@ -391,31 +548,36 @@ impl Daemon {
             held: self.held.clone(),
             ..PassOptions::default()
         };
-        tokio::spawn(async move { reconcile::reconcile_once(&manifest, &client, &options).await })
+        self.running = Some(tokio::spawn(async move {
+            reconcile::reconcile_once(&manifest, &client, &options).await
+        }));
+        self.publish();
     }
 
     /// Log and count what the pass did, remember its permanent failures, and say how to retry.
     fn after_pass(&mut self, joined: PassResult) -> Verdict {
         let at = state::now_rfc3339();
-        let report = match joined {
-            Ok(Ok(report)) => report,
+        let message = match joined {
+            Ok(Ok(report)) => {
+                self.log_pass(&report);
+                self.last = Some(LastPass::done(at, &report));
+                self.remember(&report);
+                return verdict(&report);
+            }
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "the pass failed");
-                self.last = Some(LastPass::Failed {
-                    at,
-                    message: e.to_string(),
-                });
-                return Verdict::Transient;
+                e.to_string()
             }
             Err(e) => {
                 tracing::error!(error = %e, "the pass stopped abnormally");
-                self.last = Some(LastPass::Failed {
-                    at,
-                    message: "the pass stopped abnormally; see the log".into(),
-                });
-                return Verdict::Transient;
+                "the pass stopped abnormally; see the log".to_owned()
             }
         };
+        self.last = Some(LastPass::Failed { at, message });
+        Verdict::Transient
+    }
+
+    fn log_pass(&mut self, report: &PassReport) {
         for o in &report.outcomes {
             let what = match &o.change {
                 Change::Restore(reason) => format!("restored ({reason:?})").to_lowercase(),
@@ -440,25 +602,11 @@ impl Daemon {
             drift = self.drift,
             "pass done"
         );
-        let failed_keys = report
-            .outcomes
-            .iter()
-            .filter_map(|o| {
-                o.result
-                    .as_ref()
-                    .err()
-                    .map(|f| format!("{}: {}", o.key, f.code))
-            })
-            .collect();
-        self.last = Some(LastPass::Done {
-            at,
-            managed: report.managed,
-            in_place: report.in_place,
-            failed: report.failed,
-            failed_keys,
-        });
-        let managed: std::collections::HashSet<&str> =
-            self.manifest.keys.iter().map(|k| k.name.as_str()).collect();
+    }
+
+    /// The keys the pass left in place, and those to hold after a permanent failure.
+    fn remember(&mut self, report: &PassReport) {
+        let managed: HashSet<&str> = self.manifest.keys.iter().map(|k| k.name.as_str()).collect();
         self.settled = report
             .outcomes
             .iter()
@@ -474,13 +622,11 @@ impl Daemon {
                 _ => None,
             })
             .collect();
-        verdict(&report)
     }
 
     /// Were the file events at `paths` all our own writes? Each managed file at or directly
-    /// under each path must be as the last pass left it: the bytes the state records with the
-    /// declared mode, owner and group, or still missing with no record (its export failed).
-    /// Anything else, or a path that is no managed file nor its folder, is drift.
+    /// under each path must be as the last pass left it (see [`as_left`]). A path that is no
+    /// managed file nor its folder is drift.
     fn all_own_writes(&self, paths: &BTreeSet<PathBuf>) -> bool {
         if paths.is_empty() {
             return false;
@@ -489,8 +635,7 @@ impl Daemon {
             return false;
         };
         // Each managed file by its own path and by its folder's.
-        let mut by_path: std::collections::HashMap<&Path, Vec<&manifest::KeySpec>> =
-            std::collections::HashMap::new();
+        let mut by_path: HashMap<&Path, Vec<&KeySpec>> = HashMap::new();
         for k in &self.manifest.keys {
             by_path.entry(k.path.as_path()).or_default().push(k);
             if let Some(dir) = k.path.parent() {
@@ -498,26 +643,30 @@ impl Daemon {
             }
         }
         paths.iter().all(|path| {
-            by_path.get(path.as_path()).is_some_and(|keys| {
-                keys.iter().all(|k| {
-                    let recorded = state.files.get(&k.name).filter(|r| r.path == k.path);
-                    match observe::observe(&k.path) {
-                        Observed::Regular(f) => {
-                            recorded.is_some_and(|r| r.sha256 == f.sha256)
-                                && f.mode == k.mode
-                                && k.owner.as_ref().is_none_or(|o| o.id == f.uid)
-                                && k.group.as_ref().is_none_or(|g| g.id == f.gid)
-                        }
-                        Observed::Missing => recorded.is_none(),
-                        _ => false,
-                    }
-                })
-            })
+            by_path
+                .get(path.as_path())
+                .is_some_and(|keys| keys.iter().all(|k| as_left(k, &state)))
         })
     }
 
     fn status_text(&self) -> String {
         status_text(self.last.as_ref(), self.drift, self.manifest_rejected)
+    }
+
+    /// Tell the embedding caller, if it listens.
+    fn publish(&self) {
+        if let Some(tx) = &self.snapshots {
+            tx.send_replace(Snapshot {
+                passes_started: self.passes_started,
+                passes_done: self.passes_done,
+                last: self.last.clone(),
+                retry_at: self.schedule.retry_at,
+                next_full: Some(self.schedule.next_full),
+                held: self.held.keys().cloned().collect(),
+                drift: self.drift,
+                manifest_rejected: self.manifest_rejected,
+            });
+        }
     }
 
     /// What to watch for the manifest in force.
@@ -531,25 +680,21 @@ impl Daemon {
         )
     }
 
-    /// Re-read the manifest if its content changed (or `force`, for SIGHUP). `true` when a new
-    /// manifest is now in force. A manifest that does not load is logged with its line and
+    /// Re-read the manifest if its content changed (or `force`, for a reload). `true` when a
+    /// new manifest is now in force. A manifest that does not load is logged with its line and
     /// column, and the last good one stays.
     fn check_manifest(&mut self, force: bool) -> bool {
-        // Strict modes first: a manifest others could have written is not read at all.
-        if let Err(e) = manifest::check_trusted(&self.manifest_path) {
-            tracing::error!("manifest refused, the last good manifest stays in force: {e}");
-            self.manifest_rejected = true;
-            return false;
-        }
         // One read serves both the hash and the load, so what is judged is what was hashed.
-        let bytes = match std::fs::read(&self.manifest_path) {
+        let bytes = match manifest::read(&self.manifest_path) {
             Ok(b) => b,
+            Err(e @ ManifestError::Untrusted { .. }) => {
+                // Strict modes first: a manifest others could have written is not read at all.
+                tracing::error!("manifest refused, the last good manifest stays in force: {e}");
+                self.manifest_rejected = true;
+                return false;
+            }
             Err(e) => {
-                tracing::warn!(
-                    path = %self.manifest_path.display(),
-                    error = %e,
-                    "cannot read the manifest; the last good one stays in force"
-                );
+                tracing::warn!("{e}; the last good manifest stays in force");
                 return false;
             }
         };
@@ -559,59 +704,56 @@ impl Daemon {
             return false;
         }
         self.seen_hash = Some(hash);
-        match self.load(bytes) {
-            Ok(()) => {
-                self.manifest_rejected = false;
-                tracing::info!(
-                    path = %self.manifest_path.display(),
-                    keys = self.manifest.keys.len(),
-                    "manifest loaded"
-                );
-                true
-            }
-            Err(message) => {
-                self.manifest_rejected = true;
-                tracing::error!(
-                    "manifest edit ignored, the last good manifest stays in force: {message}"
-                );
-                self.notify(&sdnotify::status(&self.status_text()));
-                false
-            }
+        if let Err(e) = self.load(bytes) {
+            self.manifest_rejected = true;
+            tracing::error!("manifest edit ignored, the last good manifest stays in force: {e}");
+            self.notify(&sdnotify::status(&self.status_text()));
+            return false;
         }
+        self.manifest_rejected = false;
+        tracing::info!(
+            path = %self.manifest_path.display(),
+            keys = self.manifest.keys.len(),
+            "manifest loaded"
+        );
+        true
     }
 
-    /// Load the manifest and everything that depends on it, or change nothing.
-    fn load(&mut self, bytes: Vec<u8>) -> Result<(), String> {
-        let text = String::from_utf8(bytes).map_err(|_| {
-            format!(
-                "{}: it is not UTF-8 text; save it as UTF-8 YAML",
-                self.manifest_path.display()
-            )
-        })?;
-        let manifest = manifest::load_str(&text, &self.manifest_path).map_err(|e| e.to_string())?;
-        let env = |name: &str| std::env::var(name).ok();
-        let auth = Auth::resolve(&manifest.kps, &env).map_err(|e| e.to_string())?;
-        crate::commands::trusted_credentials(&auth).map_err(|e| e.to_string())?;
-        let client = KpsClient::new(
-            &manifest.kps,
-            &manifest.settings,
-            Arc::new(auth),
-            RetryPolicy::default(),
-        )?;
+    /// Put the manifest in `bytes` in force, with everything that depends on it, or change
+    /// nothing.
+    fn load(&mut self, bytes: Vec<u8>) -> Result<(), LoadError> {
+        let loaded = Loaded::from_bytes(bytes, &self.manifest_path, &self.retry)?;
+        let new = &loaded.manifest.settings;
         let old = &self.manifest.settings;
-        if manifest.settings.state_dir != old.state_dir {
+        if new.state_dir != old.state_dir {
             // Take the new lock before letting go of the old one: never a moment without.
-            let lock = state::lock(&manifest.settings.state_dir, Duration::ZERO)
-                .map_err(|e| format!("state_dir changed: {e}"))?;
-            self._lock = lock;
+            self._lock =
+                state::lock(&new.state_dir, Duration::ZERO).map_err(LoadError::StateDir)?;
         }
-        if manifest.settings.watch != old.watch {
-            self.watcher = Watcher::new(manifest.settings.watch, poll_every(&manifest.settings));
+        if new.watch != old.watch {
+            self.watcher = Watcher::new(new.watch, poll_every(new));
         }
-        self.manifest = Arc::new(manifest);
-        self.client = Arc::new(client);
+        self.schedule.set_debounce(new.debounce);
+        self.manifest = loaded.manifest;
+        self.client = loaded.client;
         self.watcher.set_targets(self.targets());
         Ok(())
+    }
+}
+
+/// Is the managed file `k` as the last pass left it: the bytes the state records with the
+/// declared mode, owner and group, or still missing with no record (its export failed)?
+fn as_left(k: &KeySpec, state: &State) -> bool {
+    let recorded = state.files.get(&k.name).filter(|r| r.path == k.path);
+    match observe::observe(&k.path) {
+        Observed::Regular(f) => {
+            recorded.is_some_and(|r| r.sha256 == f.sha256)
+                && f.mode == k.mode
+                && k.owner.as_ref().is_none_or(|o| o.id == f.uid)
+                && k.group.as_ref().is_none_or(|g| g.id == f.gid)
+        }
+        Observed::Missing => recorded.is_none(),
+        _ => false,
     }
 }
 
@@ -621,171 +763,27 @@ fn poll_every(settings: &Settings) -> Duration {
         .max(Duration::from_millis(50))
 }
 
-/// SHA-256 of the manifest's bytes, through any symlinks (a `..data` swap changes them).
-pub fn manifest_hash(path: &Path) -> std::io::Result<[u8; 32]> {
-    Ok(Sha256::digest(std::fs::read(path)?).into())
-}
-
-/// How the daemon follows up a pass.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    /// Every key in place: next, the interval.
-    Healthy,
-    /// Only permanent failures: held until the manifest changes or the next interval.
-    Permanent,
-    /// A transient failure (or the pass itself failed): retry with backoff.
-    Transient,
-}
-
-/// The follow-up a pass report calls for. Hook failures do not count: their keys are in place
-/// and a retry would not run the hook again.
-pub fn verdict(report: &PassReport) -> Verdict {
-    let failures: Vec<&KeyFailure> = report
-        .outcomes
-        .iter()
-        .filter_map(|o| o.result.as_ref().err())
-        .collect();
-    if report.interrupted
-        || failures.iter().any(|f| f.class == FailureClass::Transient)
-        || report.failed > failures.len()
-    {
-        Verdict::Transient
-    } else if report.failed > 0 || !failures.is_empty() {
-        Verdict::Permanent
-    } else {
-        Verdict::Healthy
+/// The next reload request; a closed channel (no sender left) never fires, so it cannot turn
+/// the loop into a spin.
+async fn next_reload(rx: &mut mpsc::Receiver<()>) {
+    if rx.recv().await.is_none() {
+        std::future::pending::<()>().await;
     }
 }
 
-/// The last pass as `STATUS=` shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LastPass {
-    Done {
-        at: String,
-        managed: usize,
-        in_place: usize,
-        failed: usize,
-        /// `key: code` for each key not in place.
-        failed_keys: Vec<String>,
-    },
-    Failed {
-        at: String,
-        message: String,
-    },
-}
-
-/// How many failed keys `STATUS=` names before "+N more".
-const STATUS_KEYS: usize = 3;
-
-/// The `STATUS=` text: counts, failed keys, last pass time, drift count.
-pub fn status_text(last: Option<&LastPass>, drift: u64, manifest_rejected: bool) -> String {
-    let mut text = match last {
-        None => "first pass running".to_owned(),
-        Some(LastPass::Done {
-            at,
-            managed,
-            in_place,
-            failed,
-            failed_keys,
-        }) => {
-            let mut t = format!("{managed} managed, {in_place} in place, {failed} failed");
-            if !failed_keys.is_empty() {
-                let shown: Vec<&str> = failed_keys
-                    .iter()
-                    .take(STATUS_KEYS)
-                    .map(String::as_str)
-                    .collect();
-                t.push_str(&format!(" ({}", shown.join(", ")));
-                if failed_keys.len() > STATUS_KEYS {
-                    t.push_str(&format!(", +{} more", failed_keys.len() - STATUS_KEYS));
-                }
-                t.push(')');
-            }
-            t.push_str(&format!("; last pass {at}"));
-            t
+async fn tick(interval: &mut Option<Interval>) {
+    match interval {
+        Some(i) => {
+            i.tick().await;
         }
-        Some(LastPass::Failed { at, message }) => format!("last pass failed at {at}: {message}"),
-    };
-    text.push_str(&format!("; drift {drift}"));
-    if manifest_rejected {
-        text.push_str("; manifest edit rejected, last good one in force (see log)");
-    }
-    text
-}
-
-/// Retry delay after failed passes: [`FIRST_RETRY`], doubling, never above `interval`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backoff {
-    next: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff { next: FIRST_RETRY }
+        None => std::future::pending().await,
     }
 }
 
-impl Backoff {
-    /// The delay before the next retry; doubles the one after.
-    pub fn next(&mut self, cap: Duration) -> Duration {
-        let wait = self.next.min(cap);
-        self.next = self.next.saturating_mul(2).min(cap.max(FIRST_RETRY));
-        wait
-    }
-
-    pub fn reset(&mut self) {
-        *self = Backoff::default();
-    }
-}
-
-/// A deadline that events push back (`quiet` after the last one) but never past `max_wait`
-/// after the first, so a folder written to without pause still gets looked at.
-#[derive(Debug, Clone)]
-pub struct Debouncer {
-    pub quiet: Duration,
-    pub max_wait: Duration,
-    first: Option<Instant>,
-    deadline: Option<Instant>,
-}
-
-impl Debouncer {
-    pub fn new(quiet: Duration, max_wait: Duration) -> Debouncer {
-        Debouncer {
-            quiet,
-            max_wait,
-            first: None,
-            deadline: None,
-        }
-    }
-
-    /// For the manifest: quiet time `debounce`, and at most eight of them in a row, so an editor
-    /// that writes in several steps is read once, at the end.
-    pub fn manifest(debounce: Duration) -> Debouncer {
-        Debouncer::new(debounce, debounce * 8)
-    }
-
-    /// An event now.
-    pub fn poke(&mut self) {
-        let now = Instant::now();
-        let first = *self.first.get_or_insert(now);
-        self.deadline = Some((now + self.quiet).min(first + self.max_wait.max(self.quiet)));
-    }
-
-    /// Due immediately (SIGHUP, a new manifest).
-    pub fn fire_now(&mut self) {
-        let now = Instant::now();
-        self.first.get_or_insert(now);
-        self.deadline = Some(now);
-    }
-
-    pub fn deadline(&self) -> Option<Instant> {
-        self.deadline
-    }
-
-    /// Acted upon: nothing pending.
-    pub fn clear(&mut self) {
-        self.first = None;
-        self.deadline = None;
+async fn join(running: &mut Option<JoinHandle<Result<PassReport, PassError>>>) -> PassResult {
+    match running {
+        Some(handle) => handle.await,
+        None => std::future::pending().await,
     }
 }
 
@@ -793,113 +791,12 @@ impl Debouncer {
 mod tests {
     use super::*;
 
-    const MS: Duration = Duration::from_millis(1);
-
-    #[test]
-    fn backoff_doubles_from_five_seconds_to_the_interval() {
-        let mut b = Backoff::default();
-        let cap = Duration::from_secs(60);
-        let waits: Vec<u64> = (0..6).map(|_| b.next(cap).as_secs()).collect();
-        assert_eq!(waits, vec![5, 10, 20, 40, 60, 60]);
-        b.reset();
-        assert_eq!(b.next(cap), FIRST_RETRY);
+    fn manifest_hash(path: &Path) -> [u8; 32] {
+        Sha256::digest(manifest::read(path).unwrap()).into()
     }
 
     #[test]
-    fn backoff_never_exceeds_a_short_interval() {
-        let mut b = Backoff::default();
-        let cap = Duration::from_secs(1);
-        assert_eq!(b.next(cap), cap);
-        assert_eq!(b.next(cap), cap);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn debouncer_waits_for_quiet() {
-        let mut d = Debouncer::new(250 * MS, 2000 * MS);
-        assert_eq!(d.deadline(), None);
-        let start = Instant::now();
-        d.poke();
-        tokio::time::advance(200 * MS).await;
-        d.poke();
-        assert_eq!(
-            d.deadline(),
-            Some(start + 450 * MS),
-            "pushed back by the second event"
-        );
-        tokio::time::timeout(249 * MS, sleep_until(d.deadline()))
-            .await
-            .unwrap_err();
-        tokio::time::timeout(2 * MS, sleep_until(d.deadline()))
-            .await
-            .unwrap();
-        d.clear();
-        assert_eq!(d.deadline(), None);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn debouncer_fires_by_max_wait_under_a_steady_stream() {
-        let mut d = Debouncer::new(250 * MS, 1000 * MS);
-        let start = Instant::now();
-        for _ in 0..20 {
-            d.poke();
-            tokio::time::advance(100 * MS).await;
-        }
-        assert_eq!(d.deadline(), Some(start + 1000 * MS));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn drift_debouncer_is_not_pushed_back() {
-        // quiet == max_wait: the first change schedules the pass; more changes do not delay it.
-        let mut d = Debouncer::new(250 * MS, 250 * MS);
-        let start = Instant::now();
-        d.poke();
-        tokio::time::advance(200 * MS).await;
-        d.poke();
-        assert_eq!(d.deadline(), Some(start + 250 * MS));
-        d.fire_now();
-        assert_eq!(d.deadline(), Some(start + 200 * MS));
-    }
-
-    #[test]
-    fn status_names_counts_failures_time_and_drift() {
-        assert_eq!(status_text(None, 0, false), "first pass running; drift 0");
-        let ok = LastPass::Done {
-            at: "2025-01-02T03:04:05Z".into(),
-            managed: 3,
-            in_place: 3,
-            failed: 0,
-            failed_keys: vec![],
-        };
-        assert_eq!(
-            status_text(Some(&ok), 2, false),
-            "3 managed, 3 in place, 0 failed; last pass 2025-01-02T03:04:05Z; drift 2"
-        );
-        let bad = LastPass::Done {
-            at: "2025-01-02T03:04:05Z".into(),
-            managed: 6,
-            in_place: 1,
-            failed: 5,
-            failed_keys: ["a: KPS.6004", "b: conflict", "c: write", "d: x", "e: y"]
-                .map(String::from)
-                .to_vec(),
-        };
-        assert_eq!(
-            status_text(Some(&bad), 0, true),
-            "6 managed, 1 in place, 5 failed (a: KPS.6004, b: conflict, c: write, +2 more); \
-             last pass 2025-01-02T03:04:05Z; drift 0; manifest edit rejected, last good one in force (see log)"
-        );
-        let failed = LastPass::Failed {
-            at: "T".into(),
-            message: "cannot read the state file".into(),
-        };
-        assert_eq!(
-            status_text(Some(&failed), 1, false),
-            "last pass failed at T: cannot read the state file; drift 1"
-        );
-    }
-
-    #[test]
-    fn manifest_hash_follows_symlinks_and_ignores_touches() {
+    fn the_manifest_hash_follows_symlinks_and_ignores_touches() {
         let tmp = tempfile::tempdir().unwrap();
         let v1 = tmp.path().join("v1");
         let v2 = tmp.path().join("v2");
@@ -911,14 +808,14 @@ mod tests {
         std::os::unix::fs::symlink("v1", &data).unwrap();
         let link = tmp.path().join("m.yaml");
         std::os::unix::fs::symlink("..data/m.yaml", &link).unwrap();
-        let h1 = manifest_hash(&link).unwrap();
+        let h1 = manifest_hash(&link);
         std::fs::write(v1.join("m.yaml"), "a").unwrap();
-        assert_eq!(manifest_hash(&link).unwrap(), h1, "same bytes, same hash");
+        assert_eq!(manifest_hash(&link), h1, "same bytes, same hash");
         let tmp_link = tmp.path().join("..data_tmp");
         std::os::unix::fs::symlink("v2", &tmp_link).unwrap();
         std::fs::rename(&tmp_link, &data).unwrap();
         assert_ne!(
-            manifest_hash(&link).unwrap(),
+            manifest_hash(&link),
             h1,
             "the swap is seen through the link"
         );

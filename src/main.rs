@@ -139,7 +139,7 @@ fn main() -> ExitCode {
                 splay,
                 check_rotation,
             } => commands::reconcile(&manifest, splay, check_rotation).await,
-            Command::Run => kps_sync::daemon::run(&manifest).await,
+            Command::Run => commands::run(&manifest).await,
             Command::Plan { detailed_exitcode } => {
                 commands::plan(&manifest, detailed_exitcode).await
             }

@@ -5,6 +5,7 @@
 //! Invariants: response bodies that can hold keys go straight into zeroizing buffers; no
 //! request or response body is ever logged.
 
+pub mod connect;
 mod error;
 pub mod export;
 pub mod rate;

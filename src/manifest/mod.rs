@@ -76,44 +76,49 @@ fn default_path_from(env: Option<OsString>) -> PathBuf {
 /// Read and validate the manifest at `path`.
 pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
     let path = absolute(path);
-    check_trusted(&path)?;
-    let text = std::fs::read(&path)
-        .and_then(|bytes| {
-            String::from_utf8(bytes).map_err(|_| {
-                std::io::Error::new(std::io::ErrorKind::InvalidData, "it is not UTF-8 text")
-            })
-        })
-        .map_err(|cause| {
-            let hint = match cause.kind() {
-                std::io::ErrorKind::NotFound => {
-                    "create it, or point `-m/--manifest` or $KPS_SYNC_MANIFEST at yours"
-                }
-                std::io::ErrorKind::PermissionDenied => {
-                    "run kps-sync as a user that can read it (usually root), or fix the file's \
-                     permissions"
-                }
-                std::io::ErrorKind::IsADirectory => "point at the manifest file, not a folder",
-                std::io::ErrorKind::InvalidData => "save it as UTF-8 YAML",
-                _ => "check that the path names a readable YAML file",
-            };
-            ManifestError::Read {
-                path: path.clone(),
-                cause,
-                hint,
-            }
-        })?;
-    load_text(
-        &text,
-        &path,
-        &|name| std::env::var_os(name),
-        &validate::SystemAccounts,
-    )
+    let bytes = read(&path)?;
+    load_bytes(bytes, &path)
+}
+
+/// The manifest's bytes, once its strict modes are checked (see [`check_trusted`]). A caller
+/// that hashes the manifest (the daemon) hashes these, so what it judges is what it hashed.
+pub fn read(path: &Path) -> Result<Vec<u8>, ManifestError> {
+    check_trusted(path)?;
+    std::fs::read(path).map_err(|cause| read_error(path, cause))
+}
+
+/// Validate manifest bytes read from `path` (see [`load_str`]).
+pub fn load_bytes(bytes: Vec<u8>, path: &Path) -> Result<Manifest, ManifestError> {
+    let text = String::from_utf8(bytes).map_err(|_| {
+        let cause = std::io::Error::new(std::io::ErrorKind::InvalidData, "it is not UTF-8 text");
+        read_error(path, cause)
+    })?;
+    load_str(&text, path)
+}
+
+fn read_error(path: &Path, cause: std::io::Error) -> ManifestError {
+    let hint = match cause.kind() {
+        std::io::ErrorKind::NotFound => {
+            "create it, or point `-m/--manifest` or $KPS_SYNC_MANIFEST at yours"
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            "run kps-sync as a user that can read it (usually root), or fix the file's \
+             permissions"
+        }
+        std::io::ErrorKind::IsADirectory => "point at the manifest file, not a folder",
+        std::io::ErrorKind::InvalidData => "save it as UTF-8 YAML",
+        _ => "check that the path names a readable YAML file",
+    };
+    ManifestError::Read {
+        path: absolute(path),
+        cause,
+        hint,
+    }
 }
 
 /// Strict modes for the manifest file itself: it and every folder above it must be owned by
 /// root or by the user kps-sync runs as, and not writable by group or other (see `trust`).
-/// [`load`] checks this before reading; a caller that reads the file itself (the daemon) calls
-/// it first.
+/// [`load`] and [`read`] check this before reading.
 pub fn check_trusted(path: &Path) -> Result<(), ManifestError> {
     crate::trust::check(path, crate::trust::Input::Manifest).map_err(|found| {
         ManifestError::Untrusted {
