@@ -341,7 +341,7 @@ impl Daemon {
         self.start_pass();
         loop {
             let event = self.next_event().await;
-            if self.handle(event).is_break() {
+            if self.handle(event).await.is_break() {
                 break;
             }
         }
@@ -368,14 +368,14 @@ impl Daemon {
         }
     }
 
-    fn handle(&mut self, event: Event) -> ControlFlow<()> {
+    async fn handle(&mut self, event: Event) -> ControlFlow<()> {
         match event {
             Event::Shutdown => return self.on_shutdown(),
             Event::Reload => self.on_reload(),
             Event::Wake(wake) => self.on_wake(wake),
             Event::ManifestDue => self.on_manifest_due(),
             Event::PassDone(joined) => return self.on_pass_done(joined),
-            Event::PassDue => self.on_pass_due(),
+            Event::PassDue => self.on_pass_due().await,
             Event::StopTimeout => {
                 tracing::warn!("stopping without waiting for KPS requests still in flight");
                 if let Some(handle) = self.running.take() {
@@ -511,17 +511,15 @@ impl Daemon {
         }
     }
 
-    fn on_pass_due(&mut self) {
+    async fn on_pass_due(&mut self) {
         self.schedule.soon.clear();
         let now = Instant::now();
         let full = now >= self.schedule.next_full;
         let retry = self.schedule.retry_at.is_some_and(|r| now >= r);
         let drifted = std::mem::take(&mut self.drifted);
-        if !full && !retry && !self.schedule.forced && self.all_own_writes(&drifted) {
-            tracing::debug!(
-                paths = drifted.len(),
-                "file events were our own writes; no pass"
-            );
+        let paths = drifted.len();
+        if !full && !retry && !self.schedule.forced && self.all_own_writes(drifted).await {
+            tracing::debug!(paths, "file events were our own writes; no pass");
             return;
         }
         if full {
@@ -624,29 +622,13 @@ impl Daemon {
             .collect();
     }
 
-    /// Were the file events at `paths` all our own writes? Each managed file at or directly
-    /// under each path must be as the last pass left it (see [`as_left`]). A path that is no
-    /// managed file nor its folder is drift.
-    fn all_own_writes(&self, paths: &BTreeSet<PathBuf>) -> bool {
-        if paths.is_empty() {
-            return false;
-        }
-        let Ok(state) = State::load(&self.manifest.settings.state_dir) else {
-            return false;
-        };
-        // Each managed file by its own path and by its folder's.
-        let mut by_path: HashMap<&Path, Vec<&KeySpec>> = HashMap::new();
-        for k in &self.manifest.keys {
-            by_path.entry(k.path.as_path()).or_default().push(k);
-            if let Some(dir) = k.path.parent() {
-                by_path.entry(dir).or_default().push(k);
-            }
-        }
-        paths.iter().all(|path| {
-            by_path
-                .get(path.as_path())
-                .is_some_and(|keys| keys.iter().all(|k| as_left(k, &state)))
-        })
+    /// Were the file events at `paths` all our own writes? Judged off the runtime's threads
+    /// (it reads the state and hashes files); see [`all_own_writes`].
+    async fn all_own_writes(&self, paths: BTreeSet<PathBuf>) -> bool {
+        let manifest = self.manifest.clone();
+        tokio::task::spawn_blocking(move || all_own_writes(&manifest, &paths))
+            .await
+            .unwrap_or(false)
     }
 
     fn status_text(&self) -> String {
@@ -739,6 +721,30 @@ impl Daemon {
         self.watcher.set_targets(self.targets());
         Ok(())
     }
+}
+
+/// Each managed file at or directly under each of `paths` must be as the last pass left it
+/// (see [`as_left`]). A path that is no managed file nor its folder is drift.
+fn all_own_writes(manifest: &Manifest, paths: &BTreeSet<PathBuf>) -> bool {
+    if paths.is_empty() {
+        return false;
+    }
+    let Ok(state) = State::load(&manifest.settings.state_dir) else {
+        return false;
+    };
+    // Each managed file by its own path and by its folder's.
+    let mut by_path: HashMap<&Path, Vec<&KeySpec>> = HashMap::new();
+    for k in &manifest.keys {
+        by_path.entry(k.path.as_path()).or_default().push(k);
+        if let Some(dir) = k.path.parent() {
+            by_path.entry(dir).or_default().push(k);
+        }
+    }
+    paths.iter().all(|path| {
+        by_path
+            .get(path.as_path())
+            .is_some_and(|keys| keys.iter().all(|k| as_left(k, &state)))
+    })
 }
 
 /// Is the managed file `k` as the last pass left it: the bytes the state records with the

@@ -318,42 +318,7 @@ impl Watcher {
         match &mut self.backend {
             Backend::Notify {
                 watcher, watched, ..
-            } => {
-                let wanted: BTreeMap<PathBuf, DirId> = targets
-                    .dirs()
-                    .into_iter()
-                    .filter_map(|d| {
-                        let meta = std::fs::metadata(&d).ok().filter(|m| m.is_dir())?;
-                        Some((d, (meta.dev(), meta.ino())))
-                    })
-                    .collect();
-                let stale: Vec<PathBuf> = watched
-                    .iter()
-                    .filter(|(dir, id)| wanted.get(*dir) != Some(id))
-                    .map(|(dir, _)| dir.clone())
-                    .collect();
-                for dir in stale {
-                    // Fails when the folder is already gone, which is the common case here.
-                    let _ = watcher.unwatch(&dir);
-                    watched.remove(&dir);
-                }
-                for (dir, id) in wanted {
-                    if watched.contains_key(&dir) {
-                        continue;
-                    }
-                    match watcher.watch(&dir, RecursiveMode::NonRecursive) {
-                        Ok(()) => {
-                            tracing::debug!(dir = %dir.display(), "watching");
-                            watched.insert(dir, id);
-                        }
-                        Err(e) => tracing::warn!(
-                            dir = %dir.display(),
-                            error = %e,
-                            "cannot watch this folder; changes there are noticed by the interval pass only (raise fs.inotify.max_user_watches, or set watch: poll)"
-                        ),
-                    }
-                }
-            }
+            } => rewatch(watcher, watched, &targets),
             Backend::Poll { manifest, keys, .. } => {
                 if targets.manifest != self.targets.manifest {
                     *manifest = Fingerprint::of_link_and_target(&targets.manifest);
@@ -377,7 +342,7 @@ impl Watcher {
             if let Some(wake) = self.queue.pop_front() {
                 return wake;
             }
-            match &mut self.backend {
+            let wake = match &mut self.backend {
                 Backend::Notify {
                     watcher,
                     rx,
@@ -388,25 +353,10 @@ impl Watcher {
                     if overflow.swap(false, Ordering::Relaxed) {
                         return Wake::Rescan;
                     }
-                    if *closed {
-                        std::future::pending::<()>().await;
-                    }
-                    match rx.recv().await {
-                        Some(Ok(event)) => {
-                            forget_gone_dirs(&event, watcher, watched);
-                            self.queue.extend(classify(&event, &self.targets));
-                        }
-                        Some(Err(e)) => {
-                            tracing::warn!(error = %e, "file watcher error; checking everything");
-                            return Wake::Rescan;
-                        }
-                        None => {
-                            tracing::warn!(
-                                "the file watcher stopped; only the interval pass remains"
-                            );
-                            *closed = true;
-                        }
-                    }
+                    next_event(rx, closed).await.map(|event| {
+                        forget_gone_dirs(&event, watcher, watched);
+                        classify(&event, &self.targets)
+                    })
                 }
                 Backend::Poll {
                     every,
@@ -416,22 +366,99 @@ impl Watcher {
                 } => {
                     tokio::time::sleep_until(*next).await;
                     *next = Instant::now() + *every;
-                    let now_manifest = Fingerprint::of_link_and_target(&self.targets.manifest);
-                    if now_manifest != *manifest {
-                        *manifest = now_manifest;
-                        self.queue.push_back(Wake::Manifest);
-                    }
-                    let now_keys: BTreeMap<PathBuf, Option<Fingerprint>> = keys
-                        .keys()
-                        .map(|k| (k.clone(), Fingerprint::of_path(k)))
-                        .collect();
-                    self.queue
-                        .extend(changed_paths(keys, &now_keys).into_iter().map(Wake::Drift));
-                    *keys = now_keys;
+                    Ok(poll_once(&self.targets.manifest, manifest, keys))
                 }
+            };
+            match wake {
+                Ok(wakes) => self.queue.extend(wakes),
+                Err(rescan) => return rescan,
             }
         }
     }
+}
+
+/// Watch the folders `targets` names that exist, and stop watching those gone or replaced.
+fn rewatch(
+    watcher: &mut notify::RecommendedWatcher,
+    watched: &mut BTreeMap<PathBuf, DirId>,
+    targets: &Targets,
+) {
+    let wanted: BTreeMap<PathBuf, DirId> = targets
+        .dirs()
+        .into_iter()
+        .filter_map(|d| {
+            let meta = std::fs::metadata(&d).ok().filter(|m| m.is_dir())?;
+            Some((d, (meta.dev(), meta.ino())))
+        })
+        .collect();
+    watched.retain(|dir, id| {
+        let keep = wanted.get(dir) == Some(id);
+        if !keep {
+            // Fails when the folder is already gone, which is the common case here.
+            let _ = watcher.unwatch(dir);
+        }
+        keep
+    });
+    for (dir, id) in wanted {
+        if watched.contains_key(&dir) {
+            continue;
+        }
+        match watcher.watch(&dir, RecursiveMode::NonRecursive) {
+            Ok(()) => {
+                tracing::debug!(dir = %dir.display(), "watching");
+                watched.insert(dir, id);
+            }
+            Err(e) => tracing::warn!(
+                dir = %dir.display(),
+                error = %e,
+                "cannot watch this folder; changes there are noticed by the interval pass only (raise fs.inotify.max_user_watches, or set watch: poll)"
+            ),
+        }
+    }
+}
+
+/// notify's next event; `Err(Wake::Rescan)` when it reported an error. A closed channel (the
+/// watcher thread gone) is said once and then never fires: the interval pass remains.
+async fn next_event(
+    rx: &mut mpsc::Receiver<notify::Result<Event>>,
+    closed: &mut bool,
+) -> Result<Event, Wake> {
+    if *closed {
+        std::future::pending::<()>().await;
+    }
+    match rx.recv().await {
+        Some(Ok(event)) => Ok(event),
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, "file watcher error; checking everything");
+            Err(Wake::Rescan)
+        }
+        None => {
+            tracing::warn!("the file watcher stopped; only the interval pass remains");
+            *closed = true;
+            std::future::pending().await
+        }
+    }
+}
+
+/// One look of the stat loop: what changed since the last look, which becomes the baseline.
+fn poll_once(
+    manifest_path: &Path,
+    manifest: &mut (Option<Fingerprint>, Option<Fingerprint>),
+    keys: &mut BTreeMap<PathBuf, Option<Fingerprint>>,
+) -> Vec<Wake> {
+    let mut wakes = Vec::new();
+    let now_manifest = Fingerprint::of_link_and_target(manifest_path);
+    if now_manifest != *manifest {
+        *manifest = now_manifest;
+        wakes.push(Wake::Manifest);
+    }
+    let now_keys: BTreeMap<PathBuf, Option<Fingerprint>> = keys
+        .keys()
+        .map(|k| (k.clone(), Fingerprint::of_path(k)))
+        .collect();
+    wakes.extend(changed_paths(keys, &now_keys).into_iter().map(Wake::Drift));
+    *keys = now_keys;
+    wakes
 }
 
 /// A watched folder removed or renamed away leaves a dead watch (and a new folder at that path
