@@ -14,7 +14,7 @@
 //!
 //! Invariants:
 //! - the manifest is read, the client built and the state lock taken in one place each
-//!   ([`Loaded::from_bytes`], [`take_lock`]), at start and on every reload alike;
+//!   (`Loaded::from_bytes`, [`take_lock`]), at start and on every reload alike;
 //! - the state lock is held for the daemon's whole life: one daemon per state folder, and a
 //!   cron `reconcile` waits for it, then gives up with a clear message;
 //! - at most one pass runs at a time; wakes that arrive during a pass are remembered and
@@ -255,9 +255,12 @@ struct Daemon {
     watchdog: Option<Interval>,
     snapshots: Option<watch::Sender<Snapshot>>,
     watcher: Watcher,
-    /// Also handed to each pass: finish the file being written, start nothing new.
     shutdown: CancellationToken,
     reload: mpsc::Receiver<()>,
+    /// Handed to each pass and cancelled when the loop takes in the shutdown (finish the file
+    /// being written, start nothing new): a token of its own, so a pass never ends by shutdown
+    /// before the loop knows it is stopping, and is not taken for a failed one.
+    stop_pass: CancellationToken,
     /// The pass in flight.
     running: Option<JoinHandle<Result<PassReport, PassError>>>,
     schedule: Schedule,
@@ -320,6 +323,7 @@ impl Daemon {
             watcher,
             shutdown,
             reload,
+            stop_pass: CancellationToken::new(),
             running: None,
             ready: false,
             passes_started: 0,
@@ -391,6 +395,7 @@ impl Daemon {
     fn on_shutdown(&mut self) -> ControlFlow<()> {
         tracing::info!("stopping: finishing the file being written, starting nothing new");
         self.notify(sdnotify::STOPPING);
+        self.stop_pass.cancel();
         if self.running.is_none() {
             return ControlFlow::Break(());
         }
@@ -542,7 +547,7 @@ impl Daemon {
         let manifest = self.manifest.clone();
         let client = self.client.clone();
         let options = PassOptions {
-            shutdown: self.shutdown.clone(),
+            shutdown: self.stop_pass.clone(),
             held: self.held.clone(),
             ..PassOptions::default()
         };

@@ -222,6 +222,59 @@ async fn a_manifest_that_does_not_load_at_start_is_a_typed_error() {
     assert!(err.to_string().contains("manifest.yaml:"), "{err}");
 }
 
+/// Start a daemon whose first pass waits on a KPS that answers in a minute, and return once
+/// that pass has a request in flight.
+async fn start_against_a_slow_kps(sb: &Sandbox, settings: &str) -> InProcess {
+    sb.fake.add_key("a");
+    sb.fake.set_latency(Duration::from_secs(60));
+    sb.manifest(settings, "  a: out/a.pem\n");
+    let mut d = InProcess::start(sb, one_attempt());
+    d.wait("the first pass started", |s| s.passes_started == 1)
+        .await;
+    for _ in 0..600 {
+        if kps_calls(sb) > 0 {
+            break;
+        }
+        settle().await;
+    }
+    assert!(kps_calls(sb) > 0, "the pass asked KPS");
+    d
+}
+
+fn nothing_half_written(sb: &Sandbox) {
+    assert!(!sb.path("out/a.pem").exists());
+    let leftovers: Vec<_> = std::fs::read_dir(sb.path("out"))
+        .map(|rd| rd.filter_map(Result::ok).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// Cancelled while its pass waits on an export, the daemon stops that pass at once and returns
+/// `Ok`: the clock is frozen, so the grace period cannot be what ended it.
+#[tokio::test(start_paused = true)]
+async fn a_cancel_during_a_slow_export_stops_the_pass_and_returns_ok() {
+    let _frozen = freeze_clock();
+    let sb = Sandbox::new();
+    // No listing first: the request in flight is the export.
+    let d = start_against_a_slow_kps(&sb, "  interval: 1h\n  verify_remote: false\n").await;
+    assert_eq!(d.stop().await, Stopped { drift: 0 });
+    nothing_half_written(&sb);
+}
+
+/// A pass that does not stop by itself is abandoned [`daemon::STOP_GRACE`] after the cancel,
+/// and the daemon still returns `Ok`.
+#[tokio::test(start_paused = true)]
+async fn a_pass_still_running_after_the_grace_period_is_abandoned() {
+    let _frozen = freeze_clock();
+    let sb = Sandbox::new();
+    let d = start_against_a_slow_kps(&sb, "  interval: 1h\n").await;
+    d.shutdown.cancel();
+    settle().await;
+    advance_past(Instant::now() + daemon::STOP_GRACE).await;
+    assert_eq!(d.stop().await, Stopped { drift: 0 });
+    nothing_half_written(&sb);
+}
+
 /// A transient failure (KPS answering 500) is retried after 5 s, then 10 s, 20 s, ..., each up
 /// to 10 % later, never waiting for the 1 h interval; once KPS answers, the key is placed and
 /// the backoff is over.
