@@ -198,17 +198,11 @@ pub fn print_report(report: &PassReport) {
     drop(out);
     for o in &report.outcomes {
         if let Err(f) = &o.result {
-            // KPS errors carry their code in the message already.
-            let code = if f.message.contains(&f.code) {
-                String::new()
-            } else {
-                format!("{}: ", f.code)
-            };
             eprintln!(
-                "error: key {} ({}): {code}{}",
+                "error: key {} ({}): {}",
                 o.key,
                 o.path.display(),
-                f.message
+                f.one_line()
             );
         }
     }

@@ -54,7 +54,7 @@ use crate::kps::{KpsClient, RetryPolicy};
 use crate::manifest::{self, KeySpec, Manifest, ManifestError, Settings};
 use crate::observe::{self, Observed};
 use crate::plan::Change;
-use crate::reconcile::{self, FailureClass, KeyFailure, PassError, PassOptions, PassReport};
+use crate::reconcile::{self, Cause, FailureClass, PassError, PassOptions, PassReport};
 use crate::sdnotify::{self, Notifier};
 use crate::state::{self, State, StateError};
 use crate::watch::{Targets, Wake, Watcher};
@@ -273,7 +273,7 @@ struct Daemon {
     backoff: Backoff,
     /// Keys whose last failure was permanent: not exported again until the manifest changes,
     /// a reload, or the next interval pass.
-    held: BTreeMap<String, KeyFailure>,
+    held: BTreeMap<String, Cause>,
     /// Paths file events named since the last pass; judged before a drift pass runs.
     drifted: BTreeSet<PathBuf>,
     /// Paths of the keys the last pass left in place.
@@ -592,7 +592,7 @@ impl Daemon {
                 tracing::warn!(key = %o.key, path = %o.path.display(), drift = self.drift, "drift: {what}");
             }
             if let Err(f) = &o.result {
-                tracing::error!(key = %o.key, path = %o.path.display(), code = %f.code, "not in place: {}", f.message);
+                tracing::error!(key = %o.key, path = %o.path.display(), code = %f.label(), "not in place: {f}");
             }
         }
         for h in &report.hook_failures {
@@ -621,7 +621,7 @@ impl Daemon {
             .iter()
             .filter(|o| o.change.needs_export())
             .filter_map(|o| match &o.result {
-                Err(f) if f.class == FailureClass::Permanent => Some((o.key.clone(), f.clone())),
+                Err(f) if f.class() == FailureClass::Permanent => Some((o.key.clone(), f.clone())),
                 _ => None,
             })
             .collect();

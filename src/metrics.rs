@@ -276,7 +276,7 @@ impl Metrics {
             .filter_map(|o| o.result.as_ref().err());
         let (mut conflict, mut failed) = (0, 0);
         for f in managed_failures {
-            if f.code == "conflict" {
+            if f.is_conflict() {
                 conflict += 1;
             } else {
                 failed += 1;

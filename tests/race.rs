@@ -279,7 +279,7 @@ fn race() {
                     .entry((word.to_owned(), o.result.is_ok()))
                     .or_default() += 1;
                 if let Err(f) = &o.result
-                    && f.message.contains("CHASE_SAFE")
+                    && f.to_string().contains("CHASE_SAFE")
                 {
                     refused += 1;
                 }

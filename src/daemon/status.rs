@@ -4,7 +4,7 @@
 
 use tokio::time::Instant;
 
-use crate::reconcile::{FailureClass, KeyFailure, PassReport};
+use crate::reconcile::{Cause, FailureClass, PassReport};
 
 /// How the daemon follows up a pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,13 +20,15 @@ pub enum Verdict {
 /// The follow-up a pass report calls for. Hook failures do not count: their keys are in place
 /// and a retry would not run the hook again.
 pub fn verdict(report: &PassReport) -> Verdict {
-    let failures: Vec<&KeyFailure> = report
+    let failures: Vec<&Cause> = report
         .outcomes
         .iter()
         .filter_map(|o| o.result.as_ref().err())
         .collect();
     if report.interrupted
-        || failures.iter().any(|f| f.class == FailureClass::Transient)
+        || failures
+            .iter()
+            .any(|f| f.class() == FailureClass::Transient)
         || report.failed > failures.len()
     {
         Verdict::Transient
@@ -65,7 +67,7 @@ impl LastPass {
             failed_keys: report
                 .outcomes
                 .iter()
-                .filter_map(|o| Some(format!("{}: {}", o.key, o.result.as_ref().err()?.code)))
+                .filter_map(|o| Some(format!("{}: {}", o.key, o.result.as_ref().err()?.label())))
                 .collect(),
         }
     }

@@ -13,6 +13,8 @@
 //! Invariant: every key leaves this module parsed by the `keys` module (nothing downstream
 //! reads key text again); key text is held only in zeroizing types.
 
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -32,10 +34,10 @@ pub enum ExportError {
 }
 
 impl ExportError {
-    /// `KPS.6004`, `not-a-key`, ...
-    pub fn code(&self) -> String {
+    /// The stable short label: `KPS.6004`, `HTTP 503`, `network`, `not-a-key`, ...
+    pub fn code(&self) -> Cow<'static, str> {
         match self {
-            ExportError::Kps(e) => e.code_label(),
+            ExportError::Kps(e) => e.code_label().into(),
             ExportError::Key(e) => e.code().into(),
         }
     }
@@ -140,11 +142,11 @@ pub struct Fallback {
     pub detail: String,
 }
 
-/// What one batch export produced: one result per name, in no particular order, and the
-/// fallbacks it took.
+/// What one batch export produced: one result per requested name, in the order of the
+/// names, and the fallbacks it took.
 #[derive(Debug, Default)]
 pub struct BatchExport {
-    pub keys: Vec<(String, Result<PrivateKey, ExportError>)>,
+    pub keys: Vec<Result<PrivateKey, ExportError>>,
     pub fallbacks: Vec<Fallback>,
 }
 
@@ -174,7 +176,7 @@ pub fn export_batch<'a>(
             Err(e) => BatchExport {
                 keys: names
                     .iter()
-                    .map(|n| (n.clone(), Err(ExportError::Kps(e.clone()))))
+                    .map(|_| Err(ExportError::Kps(e.clone())))
                     .collect(),
                 fallbacks: Vec::new(),
             },
@@ -183,18 +185,18 @@ pub fn export_batch<'a>(
 }
 
 /// Take the keys from an unpacked archive and export its gaps one by one; or, when it was
-/// refused, export every name one by one.
+/// refused, export every name one by one. A name the archive neither held nor reported as a
+/// gap is exported one by one too, as missing.
 async fn use_archive(
     client: &KpsClient,
     names: &[String],
     unpacked: Result<archive::Unpacked, archive::ArchiveError>,
 ) -> BatchExport {
-    let mut out = BatchExport::default();
-    match unpacked {
+    let mut fallbacks = Vec::new();
+    let mut from_zip = match unpacked {
         Ok(unpacked) => {
             crate::metrics::global().batch_exported(unpacked.keys.len());
-            out.keys = unpacked.keys.into_iter().map(|(n, k)| (n, Ok(k))).collect();
-            out.fallbacks = unpacked
+            fallbacks = unpacked
                 .gaps
                 .into_iter()
                 .map(|(name, gap)| Fallback {
@@ -203,27 +205,46 @@ async fn use_archive(
                     detail: String::new(),
                 })
                 .collect();
+            unpacked.keys
         }
         Err(e) => {
             tracing::debug!("{e}; exporting these names one by one");
-            out.fallbacks.push(Fallback {
+            fallbacks.push(Fallback {
                 reason: FallbackReason::of_problem(&e.problem),
                 names: names.to_vec(),
                 detail: e.to_string(),
             });
+            BTreeMap::new()
         }
-    }
-    for fallback in &out.fallbacks {
-        for name in &fallback.names {
-            tracing::debug!(key = %name, reason = fallback.reason.as_str(), "exporting with the single export call");
-            let key = export_one(client, name).await;
-            if key.is_ok() {
-                crate::metrics::global().single_exported(fallback.reason.as_str());
+    };
+    let mut keys = Vec::with_capacity(names.len());
+    for name in names {
+        let key = match from_zip.remove(name) {
+            Some(key) => Ok(key),
+            None => {
+                // A gap, or every name of a refused zip: the single export call.
+                let reason = match fallbacks.iter().find(|f| f.names.contains(name)) {
+                    Some(f) => f.reason,
+                    None => {
+                        fallbacks.push(Fallback {
+                            reason: FallbackReason::MissingName,
+                            names: vec![name.clone()],
+                            detail: String::new(),
+                        });
+                        FallbackReason::MissingName
+                    }
+                };
+                tracing::debug!(key = %name, reason = reason.as_str(), "exporting with the single export call");
+                let key = export_one(client, name).await;
+                if key.is_ok() {
+                    crate::metrics::global().single_exported(reason.as_str());
+                }
+                key
             }
-            out.keys.push((name.clone(), key));
-        }
+        };
+        keys.push(key);
     }
-    out
+    BatchExport { keys, fallbacks }
 }
 
 /// The documented single export, parsed.

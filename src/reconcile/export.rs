@@ -1,9 +1,12 @@
-//! Export the keys a pass needs, in batches, `concurrency` in flight, and place each batch's
-//! keys as soon as its zip arrives, so memory stays bounded by the batches in flight.
+//! Export the keys a pass needs, in batches of at most 10, `concurrency` in flight, and place
+//! each batch's keys (on a blocking thread) as soon as its zip arrives, so memory stays bounded
+//! by the batches in flight.
 //!
-//! Invariants: placing runs on a blocking thread; once shutdown is asked for, nothing new is
-//! exported or written (the file being written is finished), and the pass saves at once; the
-//! state is saved at least every second while writing.
+//! Invariants: once the shutdown token is cancelled, nothing new is exported or written (the
+//! file being written is finished), exports in flight are dropped, and the keys not placed have
+//! no outcome (the report says the pass was interrupted); the state is saved at least every
+//! second while writing, so a crash loses at most a second of records.
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,23 +14,192 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use super::PassOptions;
-use super::outcome::{FailureClass, KeyFailure, Outcome, PassError, failure};
-use super::place::carry_out;
-use crate::kps::export::{self, ExportError, Fallback, FallbackReason};
+use super::outcome::{Cause, PassError};
+use super::place::{Placed, carry_out, check_listing};
+use super::planned::{Declared, Ledger, Planned};
+use super::{PassOptions, blocking, save};
+use crate::kps::export::{self, Fallback, FallbackReason};
 use crate::kps::{KeypairInfo, KpsClient, MAX_BATCH};
-use crate::manifest::{KeySpec, Manifest};
-use crate::plan::{Action, Change, PublicChange};
-use crate::state::{FileRecord, PublicRecord, State};
+use crate::plan::PublicChange;
 
-pub(super) struct ExportResults {
-    pub(super) outcomes: Vec<Outcome>,
-    pub(super) interrupted: bool,
-    pub(super) fallbacks: BTreeMap<FallbackReason, usize>,
+/// One key to export, and what to write from it.
+#[derive(Clone)]
+pub(super) struct Job {
+    /// The key's place in the ledger.
+    pub at: usize,
+    pub key: Arc<Declared>,
+    /// Write the key file; `false`: only its public key file (the key file is kept).
+    pub key_file: bool,
+    pub seen: Option<String>,
+    /// Write the public key file too.
+    pub public: bool,
+    pub public_seen: Option<String>,
+    /// With `key_file: false`, the fingerprint the exported key must have: the key on disk.
+    pub expect: Option<String>,
 }
 
-/// What one batch task hands back: each job's result, and the batch's fallbacks.
-type BatchDone = (Vec<(Job, Result<Placed, KeyFailure>)>, Vec<Fallback>);
+impl Job {
+    pub fn new(at: usize, key: &Planned, key_file: bool, expect: Option<String>) -> Job {
+        Job {
+            at,
+            key: key
+                .declared
+                .clone()
+                .expect("only declared keys are exported"),
+            key_file,
+            seen: key.action.seen.clone(),
+            public: key.action.public == Some(PublicChange::Write),
+            public_seen: key.action.public_seen.clone(),
+            expect,
+        }
+    }
+}
+
+/// What the exports did to the pass as a whole.
+#[derive(Default)]
+pub(super) struct Exported {
+    /// Shutdown stopped them before every key was placed.
+    pub interrupted: bool,
+    /// Names exported one by one because the batch zip could not be used, by reason.
+    pub fallbacks: BTreeMap<FallbackReason, usize>,
+}
+
+/// What one batch task hands back.
+#[derive(Default)]
+struct BatchDone {
+    /// Each placed key's result, by its place in the ledger.
+    placed: Vec<(usize, bool, Result<Placed, Cause>)>,
+    fallbacks: Vec<Fallback>,
+    /// Shutdown stopped the batch before all its keys were placed.
+    stopped: bool,
+}
+
+/// Export `jobs` and place each key, recording what became of it in the ledger. Where the
+/// listing is checked (`remote`), a name it shows cannot be exported fails without a call.
+pub(super) async fn run(
+    ledger: &mut Ledger,
+    jobs: Vec<Job>,
+    client: &Arc<KpsClient>,
+    remote: Option<BTreeMap<String, KeypairInfo>>,
+    concurrency: usize,
+    options: &PassOptions,
+) -> Result<Exported, PassError> {
+    let mut exportable = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        match remote
+            .as_ref()
+            .map(|r| check_listing(r, &job.key.spec.name))
+        {
+            Some(Err(cause)) => ledger.keys[job.at].report(Err(cause)),
+            _ => exportable.push(job),
+        }
+    }
+    options.progress.set_total(exportable.len());
+    let semaphore = Arc::new(Semaphore::new(concurrency.max(1)));
+    let remote = remote.map(Arc::new);
+    let mut tasks: JoinSet<BatchDone> = JoinSet::new();
+    for chunk in exportable.chunks(MAX_BATCH) {
+        let batch = Batch {
+            jobs: chunk.to_vec(),
+            client: client.clone(),
+            remote: remote.clone(),
+            options: options.clone(),
+            state_dir: ledger.state_dir.clone(),
+        };
+        let semaphore = semaphore.clone();
+        tasks.spawn(async move {
+            let _permit = semaphore.acquire_owned().await.expect("never closed");
+            batch.run().await
+        });
+    }
+    let mut done = Exported::default();
+    let mut fallbacks = Vec::new();
+    let mut last_save = Instant::now();
+    while let Some(joined) = tasks.join_next().await {
+        let batch = joined.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        fallbacks.extend(batch.fallbacks);
+        done.interrupted |= batch.stopped;
+        for (at, key_file, result) in batch.placed {
+            ledger.settle(at, key_file, result);
+        }
+        if last_save.elapsed() >= Duration::from_secs(1) {
+            save(&ledger.state, &ledger.state_dir).await?;
+            last_save = Instant::now();
+        }
+    }
+    done.fallbacks = warn_fallbacks(&fallbacks);
+    Ok(done)
+}
+
+/// One batch's export and placing, moved into its task.
+struct Batch {
+    jobs: Vec<Job>,
+    client: Arc<KpsClient>,
+    remote: Option<Arc<BTreeMap<String, KeypairInfo>>>,
+    options: PassOptions,
+    state_dir: std::path::PathBuf,
+}
+
+impl Batch {
+    async fn run(self) -> BatchDone {
+        let stopped = BatchDone {
+            stopped: true,
+            ..BatchDone::default()
+        };
+        if self.options.stopping() {
+            return stopped;
+        }
+        let names: Vec<String> = self.jobs.iter().map(|j| j.key.spec.name.clone()).collect();
+        self.options.progress.batch_started();
+        let exported = tokio::select! {
+            exported = export::export_batch(&self.client, &names, self.remote.as_deref()) => exported,
+            () = self.options.shutdown.cancelled() => return stopped,
+        };
+        self.options.progress.batch_done(names.len());
+        let fallbacks = exported.fallbacks;
+        blocking(move || {
+            let mut done = BatchDone {
+                fallbacks,
+                ..BatchDone::default()
+            };
+            for (job, result) in self.jobs.iter().zip(exported.keys) {
+                if self.options.stopping() {
+                    done.stopped = true;
+                    break;
+                }
+                let placed = result
+                    .map_err(Cause::Export)
+                    .and_then(|key| carry_out(job, key, self.remote.as_deref(), &self.state_dir));
+                done.placed.push((job.at, job.key_file, placed));
+            }
+            done
+        })
+        .await
+    }
+}
+
+impl Ledger {
+    /// Record what placing one key did: its records in the state, its outcome on the key.
+    fn settle(&mut self, at: usize, key_file: bool, result: Result<Placed, Cause>) {
+        let key = &mut self.keys[at];
+        let name = &key.action.key;
+        let result = result.and_then(|placed| {
+            if let Some(record) = placed.record {
+                tracing::info!(key = %name, path = %record.path.display(), action = key.action.change.word(), "wrote key");
+                self.state.files.insert(name.clone(), record);
+            }
+            if let Some(public) = placed.public? {
+                tracing::info!(key = %name, path = %public.path.display(), "wrote public key file");
+                if let Some(rec) = self.state.files.get_mut(name) {
+                    rec.public_key = Some(public);
+                }
+            }
+            Ok(())
+        });
+        key.written = key_file && result.is_ok();
+        key.report(result);
+    }
+}
 
 /// One warning for the whole pass, however many batches fell back: the reasons, how many
 /// names each cost, and the first refusal in full.
@@ -52,174 +224,4 @@ fn warn_fallbacks(all: &[Fallback]) -> BTreeMap<FallbackReason, usize> {
         );
     }
     counts
-}
-
-/// One key to export, and what to write from it.
-#[derive(Clone)]
-pub(super) struct Job {
-    pub(super) spec: KeySpec,
-    pub(super) change: Change,
-    /// Write the key file; `false`: only its public key file (the key file is kept).
-    pub(super) key_file: bool,
-    pub(super) seen: Option<String>,
-    /// Write the public key file too.
-    pub(super) public: bool,
-    pub(super) public_seen: Option<String>,
-    /// With `key_file: false`, the fingerprint the exported key must have: the key on disk.
-    pub(super) expect: Option<String>,
-}
-
-impl Job {
-    pub(super) fn new(
-        spec: &KeySpec,
-        action: &Action,
-        key_file: bool,
-        expect: Option<String>,
-    ) -> Job {
-        Job {
-            spec: spec.clone(),
-            change: action.change.clone(),
-            key_file,
-            seen: action.seen.clone(),
-            public: action.public == Some(PublicChange::Write),
-            public_seen: action.public_seen.clone(),
-            expect,
-        }
-    }
-}
-
-/// What one job wrote: the key file's record, and the public key file's.
-pub(super) struct Placed {
-    pub(super) record: Option<FileRecord>,
-    pub(super) public: Option<PublicRecord>,
-}
-
-/// Export in batches of at most 10, `concurrency` in flight; each batch's keys are checked,
-/// encrypted and written as soon as its zip arrives, so memory stays bounded by the batches
-/// in flight.
-pub(super) async fn export_and_write(
-    manifest: &Manifest,
-    client: &Arc<KpsClient>,
-    jobs: Vec<Job>,
-    remote: Option<Arc<BTreeMap<String, KeypairInfo>>>,
-    options: &PassOptions,
-    state: &mut State,
-) -> Result<ExportResults, PassError> {
-    let semaphore = Arc::new(Semaphore::new(manifest.settings.concurrency.max(1)));
-    let mut tasks: JoinSet<BatchDone> = JoinSet::new();
-    let mut interrupted = false;
-    options.progress.set_total(jobs.len());
-    for chunk in jobs.chunks(MAX_BATCH) {
-        let chunk: Vec<Job> = chunk.to_vec();
-        let semaphore = semaphore.clone();
-        let remote = remote.clone();
-        let options = options.clone();
-        let client = client.clone();
-        let state_dir = manifest.settings.state_dir.clone();
-        tasks.spawn(async move {
-            let _permit = semaphore.acquire_owned().await.expect("never closed");
-            if options.stopping() {
-                return BatchDone::default();
-            }
-            let names: Vec<String> = chunk.iter().map(|j| j.spec.name.clone()).collect();
-            options.progress.batch_started();
-            let exported = tokio::select! {
-                exported = export::export_batch(&client, &names, remote.as_deref()) => exported,
-                () = options.shutdown.cancelled() => return BatchDone::default(),
-            };
-            options.progress.batch_done(names.len());
-            let fallbacks = exported.fallbacks;
-            let by_name: BTreeMap<String, Job> = chunk
-                .into_iter()
-                .map(|j| (j.spec.name.clone(), j))
-                .collect();
-            let placed = tokio::task::spawn_blocking(move || {
-                exported
-                    .keys
-                    .into_iter()
-                    .map(|(name, result)| {
-                        let job = by_name[&name].clone();
-                        if options.stopping() {
-                            return (
-                                job,
-                                Err(KeyFailure::transient(
-                                    "shutdown",
-                                    "not written: kps-sync is stopping".into(),
-                                )),
-                            );
-                        }
-                        let placed = result
-                            .map_err(|e| export_failure(&e))
-                            .and_then(|key| carry_out(&job, key, remote.as_deref(), &state_dir));
-                        (job, placed)
-                    })
-                    .collect()
-            })
-            .await
-            .expect("placing keys does not panic");
-            (placed, fallbacks)
-        });
-    }
-
-    let mut outcomes = Vec::new();
-    let mut fallbacks = Vec::new();
-    let mut last_save = Instant::now();
-    while let Some(joined) = tasks.join_next().await {
-        let (batch, batch_fallbacks) = joined.expect("export task does not panic");
-        fallbacks.extend(batch_fallbacks);
-        if batch.is_empty() {
-            interrupted = true;
-        }
-        for (job, result) in batch {
-            if result.as_ref().is_err_and(|f| f.code == "shutdown") {
-                interrupted = true;
-                continue;
-            }
-            let Job { spec, change, .. } = job;
-            let result = match result {
-                Ok(placed) => {
-                    if let Some(record) = placed.record {
-                        tracing::info!(key = %spec.name, path = %spec.path.display(), action = change.word(), "wrote key");
-                        state.files.insert(spec.name.clone(), record);
-                    }
-                    if let Some(public) = placed.public {
-                        tracing::info!(key = %spec.name, path = %public.path.display(), "wrote public key file");
-                        if let Some(rec) = state.files.get_mut(&spec.name) {
-                            rec.public_key = Some(public);
-                        }
-                    }
-                    Ok(())
-                }
-                Err(f) => Err(f),
-            };
-            outcomes.push(Outcome {
-                key: spec.name.clone(),
-                path: spec.path.clone(),
-                change,
-                result,
-            });
-        }
-        if last_save.elapsed() >= Duration::from_secs(1) {
-            state.save(&manifest.settings.state_dir)?;
-            last_save = Instant::now();
-        }
-    }
-    Ok(ExportResults {
-        outcomes,
-        interrupted,
-        fallbacks: warn_fallbacks(&fallbacks),
-    })
-}
-
-fn export_failure(e: &ExportError) -> KeyFailure {
-    let class = match e {
-        ExportError::Kps(k) if k.is_retryable() || k.class == crate::kps::Class::Credentials => {
-            FailureClass::Transient
-        }
-        _ => FailureClass::Permanent,
-    };
-    KeyFailure {
-        class,
-        ..failure(&e.code(), e.to_string())
-    }
 }

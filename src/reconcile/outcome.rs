@@ -3,13 +3,19 @@
 //! errors, `status`, the daemon's retries and the metrics all read these values.
 //!
 //! Invariant: no failure holds key material; messages name the key's path and say what to do.
+
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
+use crate::encrypt::EncryptError;
+use crate::keys::KeyError;
 use crate::kps::KpsError;
-use crate::kps::export::FallbackReason;
-use crate::plan::Change;
+use crate::kps::export::{ExportError, FallbackReason};
+use crate::plan::{Change, ConflictReason};
 use crate::state::StateError;
+use crate::write::WriteError;
 
 /// Whether trying again soon can help; drives the daemon's retries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,14 +28,141 @@ pub enum FailureClass {
     Permanent,
 }
 
-/// Why one key is not in place after the pass.
-#[derive(Debug, Clone)]
-pub struct KeyFailure {
-    pub class: FailureClass,
-    /// `KPS.6004`, `archive`, `not-a-key`, `write`, `conflict`, ...
-    pub code: String,
-    /// One line: what went wrong and what to do. Never key material.
-    pub message: String,
+/// Why one key is not in place after the pass: the typed cause, from which come its class
+/// ([`Cause::class`]), its stable short label ([`Cause::label`]: what output, `status`, the
+/// state's error records and the logs show) and its one-line message (`Display`: what went
+/// wrong and what to do, never key material).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Cause {
+    /// KPS failed the export (its class says whether a retry can help), or what it returned
+    /// is not a usable private key.
+    #[error("{0}")]
+    Export(ExportError),
+    /// The pass's listing shows that exporting the name cannot work.
+    #[error("{0}")]
+    Listed(Unexportable),
+    /// The exported key is not the one KPS lists for the name.
+    #[error("{0}")]
+    Verify(KeyError),
+    /// A file kps-sync did not write (or a symlink, or no regular file) is at the path.
+    #[error("{path}: {reason}")]
+    Conflict {
+        path: PathBuf,
+        reason: ConflictReason,
+    },
+    /// The file changed, or became a symlink, between the plan and the write: kept as it is.
+    #[error("{0}")]
+    Changed(Arc<WriteError>),
+    /// Writing the file, or fixing its mode, owner or group, failed.
+    #[error("{0}")]
+    Write(Arc<WriteError>),
+    /// The intent to write could not be made durable, so nothing was written.
+    #[error(
+        "{path}: cannot record the intent to write it in {}: {source}; check state_dir's permissions and free space",
+        journal.display()
+    )]
+    Journal {
+        path: PathBuf,
+        journal: PathBuf,
+        source: Arc<std::io::Error>,
+    },
+    /// age refused to encrypt for the recipients.
+    #[error("{0}")]
+    Encrypt(Arc<EncryptError>),
+    /// A file of a key no longer in the manifest could not be deleted.
+    #[error("{0}")]
+    Prune(Arc<WriteError>),
+    /// The public key file alone cannot be written: the key file's fingerprint is not recorded.
+    #[error(
+        "{0}: the key's fingerprint is not recorded, so its public key file cannot be written \
+         without rewriting the key; remove the key file to have both written"
+    )]
+    PublicUnrecorded(String),
+    /// The public key file alone cannot be written: KPS now holds another key than the one
+    /// on disk.
+    #[error(
+        "{0}: KPS now holds another key for this name than the one on disk; not written. \
+         The next listing rotates the key (or run `reconcile --check-rotation`)"
+    )]
+    PublicRotated(String),
+}
+
+/// What the listing says that makes an export pointless.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Unexportable {
+    #[error(
+        "the key pair is not in the KPS listing of this project; check the name, the region and the project id"
+    )]
+    NotListed,
+    #[error(
+        "KPS does not hold this private key (is_key_protection: false); import it into KPS or stop managing it here"
+    )]
+    NotHosted,
+    #[error("the key pair is frozen in KPS; unfreeze it in the console")]
+    Frozen,
+}
+
+impl Cause {
+    /// Whether trying again soon can help.
+    pub fn class(&self) -> FailureClass {
+        match self {
+            Cause::Export(ExportError::Kps(e))
+                if e.is_retryable() || e.class == crate::kps::Class::Credentials =>
+            {
+                FailureClass::Transient
+            }
+            Cause::Write(_) | Cause::Journal { .. } => FailureClass::Transient,
+            _ => FailureClass::Permanent,
+        }
+    }
+
+    /// The stable short label: `KPS.6004`, `HTTP 503`, `not-a-key`, `mismatch`, `conflict`,
+    /// `write`, `encrypt`, `prune`, `public-key`, `frozen`.
+    pub fn label(&self) -> Cow<'static, str> {
+        match self {
+            Cause::Export(e) => e.code(),
+            Cause::Listed(Unexportable::NotListed) => "KPS.6004".into(),
+            Cause::Listed(Unexportable::NotHosted) => "KPS.6005".into(),
+            Cause::Listed(Unexportable::Frozen) => "frozen".into(),
+            Cause::Verify(e) => e.code().into(),
+            Cause::Conflict { .. } | Cause::Changed(_) => "conflict".into(),
+            Cause::Write(_) | Cause::Journal { .. } => "write".into(),
+            Cause::Encrypt(_) => "encrypt".into(),
+            Cause::Prune(_) => "prune".into(),
+            Cause::PublicUnrecorded(_) | Cause::PublicRotated(_) => "public-key".into(),
+        }
+    }
+
+    /// A failed write of the file at `path`: a file changed or swapped for a symlink since the
+    /// plan is a conflict (left alone); anything else may pass.
+    pub(super) fn of_write(e: WriteError) -> Cause {
+        match e {
+            WriteError::Changed { .. } | WriteError::Symlink { .. } => Cause::Changed(Arc::new(e)),
+            _ => Cause::Write(Arc::new(e)),
+        }
+    }
+
+    /// Something kps-sync did not write is in the way (metrics count these apart).
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Cause::Conflict { .. } | Cause::Changed(_))
+    }
+
+    /// `label: message`, as the state's error records and `status` show it.
+    pub fn record(&self) -> String {
+        format!("{}: {self}", self.label())
+    }
+
+    /// The one-line error of `reconcile`: `label: message`, without the label where the
+    /// message already says it (a KPS error names its code).
+    pub fn one_line(&self) -> String {
+        let message = self.to_string();
+        let label = self.label();
+        if message.contains(label.as_ref()) {
+            message
+        } else {
+            format!("{label}: {message}")
+        }
+    }
 }
 
 /// What happened to one key (or one recorded file) in this pass.
@@ -38,7 +171,7 @@ pub struct Outcome {
     pub key: String,
     pub path: PathBuf,
     pub change: Change,
-    pub result: Result<(), KeyFailure>,
+    pub result: Result<(), Cause>,
 }
 
 /// The result of a pass, for output, exit codes, `STATUS=` and metrics.
@@ -81,22 +214,4 @@ pub enum PassError {
     /// KPS refused the credentials on the listing: every other call would fail the same way.
     #[error("{0}")]
     Unauthorized(KpsError),
-}
-
-/// A permanent failure; see [`KeyFailure::transient`] for the others.
-pub(super) fn failure(code: &str, message: String) -> KeyFailure {
-    KeyFailure {
-        class: FailureClass::Permanent,
-        code: code.to_owned(),
-        message,
-    }
-}
-
-impl KeyFailure {
-    pub(super) fn transient(code: &str, message: String) -> KeyFailure {
-        KeyFailure {
-            class: FailureClass::Transient,
-            ..failure(code, message)
-        }
-    }
 }
