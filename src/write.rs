@@ -311,20 +311,12 @@ enum Reach {
 /// only, so it can be synced). With `create`, missing folders are made 0700 on the way, the
 /// innermost with `create`'s owner and group.
 fn open_folder(dir: &Path, create: Option<FileMeta>) -> Result<OwnedFd, Reach> {
-    let fail = |e: WriteError| Reach::Failed(e);
-    let open_err = |at: &Path, e: Errno| {
-        fail(WriteError::OpenDir {
-            path: at.to_owned(),
-            source: e.into(),
-        })
-    };
     if !dir.is_absolute() {
-        return Err(fail(WriteError::NoParent {
+        return Err(Reach::Failed(WriteError::NoParent {
             path: dir.to_owned(),
         }));
     }
-    let step = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    let root = rfs::open("/", step, Mode::empty()).map_err(|e| open_err(Path::new("/"), e))?;
+    let root = rfs::open("/", STEP, Mode::empty()).map_err(|e| open_err(Path::new("/"), e))?;
     // The common case in one call: `openat2` with RESOLVE_NO_SYMLINKS follows no symlink at
     // all, so it gives the same guarantee as the walk. Anything else (a symlink on the way, a
     // missing folder, a kernel before 5.6) takes the walk below, which decides and reports.
@@ -335,93 +327,141 @@ fn open_folder(dir: &Path, create: Option<FileMeta>) -> Result<OwnedFd, Reach> {
         relative
     };
     let resolve = ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
-    let whole = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
-    if let Ok(fd) = rfs::openat2(&root, relative, whole, Mode::empty(), resolve) {
+    if let Ok(fd) = rfs::openat2(&root, relative, READ_DIR, Mode::empty(), resolve) {
         return Ok(fd);
     }
-    // The folders walked so far, `/` first, so `..` steps back without a lookup.
-    let mut walked: Vec<OwnedFd> = vec![root];
-    // Where the walk is, for messages.
-    let mut at = PathBuf::from("/");
-    let mut todo: VecDeque<OsString> = names(dir);
-    let mut symlinks = 0;
-    while let Some(name) = todo.pop_front() {
+    let mut walk = Walk {
+        walked: vec![root],
+        at: PathBuf::from("/"),
+        todo: names(dir),
+        symlinks: 0,
+    };
+    while let Some(name) = walk.todo.pop_front() {
+        walk.step(&name, create)?;
+    }
+    let last = walk.walked.pop().expect("never empty");
+    rfs::openat(&last, ".", READ_DIR, Mode::empty()).map_err(|e| open_err(&walk.at, e))
+}
+
+/// One step of a walk: no symlink followed.
+const STEP: OFlags = OFlags::PATH
+    .union(OFlags::DIRECTORY)
+    .union(OFlags::NOFOLLOW)
+    .union(OFlags::CLOEXEC);
+/// The folder reached, opened so it can be synced.
+const READ_DIR: OFlags = OFlags::RDONLY
+    .union(OFlags::DIRECTORY)
+    .union(OFlags::CLOEXEC);
+
+fn open_err(at: &Path, e: Errno) -> Reach {
+    Reach::Failed(WriteError::OpenDir {
+        path: at.to_owned(),
+        source: e.into(),
+    })
+}
+
+/// A walk from `/` towards a folder, one name at a time, as the kernel would resolve it but
+/// judging every symlink on the way.
+struct Walk {
+    /// The folders walked so far, `/` first, so `..` steps back without a lookup.
+    walked: Vec<OwnedFd>,
+    /// Where the walk is, for messages.
+    at: PathBuf,
+    /// The names still to walk (a followed symlink's target is pushed in front).
+    todo: VecDeque<OsString>,
+    symlinks: usize,
+}
+
+impl Walk {
+    fn step(&mut self, name: &OsStr, create: Option<FileMeta>) -> Result<(), Reach> {
         if name == ".." {
-            if walked.len() > 1 {
-                walked.pop();
-                at.pop();
+            if self.walked.len() > 1 {
+                self.walked.pop();
+                self.at.pop();
             }
-            continue;
+            return Ok(());
         }
-        let here = walked.last().expect("never empty");
-        let next = at.join(&name);
-        match rfs::openat(here, &name, step, Mode::empty()) {
-            Ok(fd) => {
-                walked.push(fd);
-                at = next;
-            }
+        let here = self.walked.last().expect("never empty");
+        let next = self.at.join(name);
+        let fd = match rfs::openat(here, name, STEP, Mode::empty()) {
+            Ok(fd) => fd,
             Err(Errno::NOENT) => {
                 let Some(meta) = create else {
                     return Err(Reach::Missing);
                 };
-                let created = match rfs::mkdirat(here, &name, Mode::from_raw_mode(0o700)) {
-                    Ok(()) => true,
-                    Err(Errno::EXIST) => false,
-                    Err(e) => {
-                        return Err(fail(WriteError::CreateDir {
-                            path: next,
-                            source: e.into(),
-                        }));
-                    }
-                };
-                let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-                let fd = rfs::openat(here, &name, flags, Mode::empty())
-                    .map_err(|e| open_err(&next, e))?;
-                if created {
-                    let innermost = todo.is_empty();
-                    set_new_folder(&fd, &next, innermost.then_some(meta)).map_err(fail)?;
-                }
-                walked.push(fd);
-                at = next;
+                let innermost = self.todo.is_empty();
+                make_folder(here, name, &next, innermost.then_some(meta))?
             }
-            Err(Errno::LOOP | Errno::NOTDIR) => {
-                // The link itself, held open: its owner and its target are then read from
-                // one inode, so a link swapped between the two reads cannot pass for root's.
-                let link = rfs::openat(here, &name, OFlags::PATH | OFlags::NOFOLLOW, Mode::empty())
-                    .map_err(|e| open_err(&next, e))?;
-                let found = rfs::fstat(&link).map_err(|e| open_err(&next, e))?;
-                if FileType::from_raw_mode(found.st_mode) != FileType::Symlink {
-                    return Err(fail(WriteError::NotAFolder { path: next }));
-                }
-                let folder_owner = rfs::fstat(here).map_err(|e| open_err(&at, e))?.st_uid;
-                if found.st_uid != 0 || folder_owner != 0 {
-                    return Err(fail(WriteError::UnsafeSymlink {
-                        path: next,
-                        owner: found.st_uid,
-                        folder_owner,
-                    }));
-                }
-                symlinks += 1;
-                if symlinks > MAX_SYMLINKS {
-                    return Err(fail(WriteError::SymlinkLoop { path: next }));
-                }
-                let target =
-                    rfs::readlinkat(&link, "", Vec::new()).map_err(|e| open_err(&next, e))?;
-                let target = Path::new(OsStr::from_bytes(target.as_bytes()));
-                if target.is_absolute() {
-                    walked.truncate(1);
-                    at = PathBuf::from("/");
-                }
-                for part in names(target).into_iter().rev() {
-                    todo.push_front(part);
-                }
-            }
+            Err(Errno::LOOP | Errno::NOTDIR) => return self.follow(name, next),
             Err(e) => return Err(open_err(&next, e)),
-        }
+        };
+        self.walked.push(fd);
+        self.at = next;
+        Ok(())
     }
-    let last = walked.pop().expect("never empty");
-    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
-    rfs::openat(&last, ".", flags, Mode::empty()).map_err(|e| open_err(&at, e))
+
+    /// `name` in the current folder is not a folder: walk on through it if it is a symlink
+    /// that only root could have made (owned by root, in a folder owned by root).
+    fn follow(&mut self, name: &OsStr, next: PathBuf) -> Result<(), Reach> {
+        let fail = Reach::Failed;
+        let here = self.walked.last().expect("never empty");
+        // The link itself, held open: its owner and its target are then read from one inode,
+        // so a link swapped between the two reads cannot pass for root's.
+        let link = rfs::openat(here, name, OFlags::PATH | OFlags::NOFOLLOW, Mode::empty())
+            .map_err(|e| open_err(&next, e))?;
+        let found = rfs::fstat(&link).map_err(|e| open_err(&next, e))?;
+        if FileType::from_raw_mode(found.st_mode) != FileType::Symlink {
+            return Err(fail(WriteError::NotAFolder { path: next }));
+        }
+        let folder_owner = rfs::fstat(here).map_err(|e| open_err(&self.at, e))?.st_uid;
+        if found.st_uid != 0 || folder_owner != 0 {
+            return Err(fail(WriteError::UnsafeSymlink {
+                path: next,
+                owner: found.st_uid,
+                folder_owner,
+            }));
+        }
+        self.symlinks += 1;
+        if self.symlinks > MAX_SYMLINKS {
+            return Err(fail(WriteError::SymlinkLoop { path: next }));
+        }
+        let target = rfs::readlinkat(&link, "", Vec::new()).map_err(|e| open_err(&next, e))?;
+        let target = Path::new(OsStr::from_bytes(target.as_bytes()));
+        if target.is_absolute() {
+            self.walked.truncate(1);
+            self.at = PathBuf::from("/");
+        }
+        for part in names(target).into_iter().rev() {
+            self.todo.push_front(part);
+        }
+        Ok(())
+    }
+}
+
+/// Make the missing folder `name` (0700) in `here` and open it; a folder made here gets
+/// `meta`'s owner and group when it is the innermost one.
+fn make_folder(
+    here: &OwnedFd,
+    name: &OsStr,
+    path: &Path,
+    meta: Option<FileMeta>,
+) -> Result<OwnedFd, Reach> {
+    let created = match rfs::mkdirat(here, name, Mode::from_raw_mode(0o700)) {
+        Ok(()) => true,
+        Err(Errno::EXIST) => false,
+        Err(e) => {
+            return Err(Reach::Failed(WriteError::CreateDir {
+                path: path.to_owned(),
+                source: e.into(),
+            }));
+        }
+    };
+    let flags = READ_DIR | OFlags::NOFOLLOW;
+    let fd = rfs::openat(here, name, flags, Mode::empty()).map_err(|e| open_err(path, e))?;
+    if created {
+        set_new_folder(&fd, path, meta).map_err(Reach::Failed)?;
+    }
+    Ok(fd)
 }
 
 /// The components of `path` to walk: names and `..`; `/` and `.` dropped.
