@@ -16,6 +16,49 @@ const BOM: &[u8] = b"\xEF\xBB\xBF";
 
 /// Find the one PEM block, check its labels, headers and surroundings, and decode its body.
 pub(super) fn unarmor(bytes: &[u8]) -> Result<(KeyKind, Zeroizing<Vec<u8>>), KeyError> {
+    let text = pem_text(bytes)?;
+    let mut lines = text.split('\n').map(str::trim);
+    let first = lines.next().unwrap_or_default();
+    let label = first
+        .strip_prefix("-----BEGIN ")
+        .and_then(|rest| rest.strip_suffix("-----"))
+        .ok_or(KeyError::NotPem)?;
+    let kind = classify_label(label)?;
+    let shown = Label::new(label);
+    let block = read_block(&mut lines, text.len(), &shown)?;
+    if block.encrypted {
+        return Err(KeyError::Encrypted {
+            form: "legacy PEM encryption, Proc-Type: 4,ENCRYPTED",
+        });
+    }
+    if block.headers {
+        return Err(KeyError::UnexpectedHeader { label: shown });
+    }
+    let Some(end) = block.end else {
+        return Err(KeyError::MissingEnd { label: shown });
+    };
+    if end != label {
+        return Err(KeyError::MismatchedEnd {
+            begin: shown,
+            end: Label::new(end),
+        });
+    }
+    if lines.any(|rest| !rest.is_empty()) {
+        return Err(KeyError::TrailingData { label: shown });
+    }
+    if block.body.is_empty() {
+        return Err(KeyError::EmptyBody { label: shown });
+    }
+    let mut der = Zeroizing::new(Vec::with_capacity(block.body.len() / 4 * 3 + 3));
+    STANDARD
+        .decode_vec(block.body.as_bytes(), &mut der)
+        .map_err(|_| KeyError::BadBase64 { label: shown })?;
+    Ok((kind, der))
+}
+
+/// The text from the first non-blank byte, if it can be a PEM private key at all; what else it
+/// looks like (a web page, JSON, a public key) names the error.
+fn pem_text(bytes: &[u8]) -> Result<&str, KeyError> {
     let bytes = bytes.strip_prefix(BOM).unwrap_or(bytes);
     let start = bytes
         .iter()
@@ -40,80 +83,70 @@ pub(super) fn unarmor(bytes: &[u8]) -> Result<(KeyKind, Zeroizing<Vec<u8>>), Key
     }
     // A private key is ASCII; anything else is not one, and must not be echoed.
     let text = std::str::from_utf8(bytes).map_err(|_| KeyError::NotPem)?;
-    if !text.starts_with("-----BEGIN ") {
-        return Err(if text.contains("-----BEGIN ") {
-            KeyError::LeadingData
-        } else if text.contains("<html") || text.contains("<HTML") {
-            KeyError::Html
-        } else {
-            KeyError::NotPem
-        });
+    if text.starts_with("-----BEGIN ") {
+        return Ok(text);
     }
+    Err(if text.contains("-----BEGIN ") {
+        KeyError::LeadingData
+    } else if text.contains("<html") || text.contains("<HTML") {
+        KeyError::Html
+    } else {
+        KeyError::NotPem
+    })
+}
 
-    let mut lines = text.split('\n').map(str::trim);
-    let first = lines.next().unwrap_or_default();
-    let label = first
-        .strip_prefix("-----BEGIN ")
-        .and_then(|rest| rest.strip_suffix("-----"))
-        .ok_or(KeyError::NotPem)?;
-    let kind = classify_label(label)?;
-    let shown = Label::new(label);
+/// What lies between the BEGIN line and the END line.
+struct Block<'t> {
+    /// The base64 body, whitespace removed.
+    body: Zeroizing<String>,
+    /// The END line's label (`<malformed>` if the line is cut short).
+    end: Option<&'t str>,
+    /// RFC 1421 headers were present before the body (only legacy PEM has them).
+    headers: bool,
+    /// One of them said `Proc-Type: 4,ENCRYPTED`.
+    encrypted: bool,
+}
 
-    let mut body = Zeroizing::new(String::with_capacity(text.len()));
+/// Read up to and including the END line; `capacity` bounds the body so it never reallocates.
+fn read_block<'t>(
+    lines: &mut impl Iterator<Item = &'t str>,
+    capacity: usize,
+    shown: &Label,
+) -> Result<Block<'t>, KeyError> {
+    let mut block = Block {
+        body: Zeroizing::new(String::with_capacity(capacity)),
+        end: None,
+        headers: false,
+        encrypted: false,
+    };
     let mut headers_allowed = true;
-    let mut proc_type_encrypted = false;
-    let mut saw_header = false;
-    let mut end = None;
-    for line in lines.by_ref() {
+    for line in lines {
         if let Some(rest) = line.strip_prefix("-----END ") {
-            end = Some(rest.strip_suffix("-----").unwrap_or("<malformed>"));
+            block.end = Some(rest.strip_suffix("-----").unwrap_or("<malformed>"));
             break;
         }
         // RFC 1421 headers (`Proc-Type:`, `DEK-Info:`) come first and only in legacy PEM;
         // base64 never contains ':'.
         if line.contains(':') {
             if !headers_allowed {
-                return Err(KeyError::UnexpectedHeader { label: shown });
+                return Err(KeyError::UnexpectedHeader {
+                    label: shown.clone(),
+                });
             }
-            saw_header = true;
+            block.headers = true;
             if line.starts_with("Proc-Type:") && line.contains("ENCRYPTED") {
-                proc_type_encrypted = true;
+                block.encrypted = true;
             }
             continue;
         }
         if !line.is_empty() {
             headers_allowed = false;
         }
-        body.extend(line.chars().filter(|c| !c.is_ascii_whitespace()));
+        block
+            .body
+            .extend(line.chars().filter(|c| !c.is_ascii_whitespace()));
     }
-    if proc_type_encrypted {
-        return Err(KeyError::Encrypted {
-            form: "legacy PEM encryption, Proc-Type: 4,ENCRYPTED",
-        });
-    }
-    if saw_header {
-        return Err(KeyError::UnexpectedHeader { label: shown });
-    }
-    let Some(end) = end else {
-        return Err(KeyError::MissingEnd { label: shown });
-    };
-    if end != label {
-        return Err(KeyError::MismatchedEnd {
-            begin: shown,
-            end: Label::new(end),
-        });
-    }
-    if lines.any(|rest| !rest.is_empty()) {
-        return Err(KeyError::TrailingData { label: shown });
-    }
-    if body.is_empty() {
-        return Err(KeyError::EmptyBody { label: shown });
-    }
-    let mut der = Zeroizing::new(Vec::with_capacity(body.len() / 4 * 3 + 3));
-    STANDARD
-        .decode_vec(body.as_bytes(), &mut der)
-        .map_err(|_| KeyError::BadBase64 { label: shown })?;
-    Ok((kind, der))
+    Ok(block)
 }
 
 /// The canonical text of a key: `-----BEGIN label-----`, the body in base64 at the width the
