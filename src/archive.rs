@@ -143,6 +143,18 @@ impl fmt::Debug for KeyList {
 /// " (key NAME)" when the entry maps to a requested key, else nothing.
 struct ForKey<'a>(&'a Option<String>);
 
+/// "entry NAME is" or "the zip is", for [`Problem::Corrupt`].
+struct Damaged<'a>(&'a Option<EntryName>);
+
+impl fmt::Display for Damaged<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(entry) => write!(f, "entry {entry} is"),
+            None => f.write_str("the zip is"),
+        }
+    }
+}
+
 impl fmt::Display for ForKey<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.0 {
@@ -154,37 +166,46 @@ impl fmt::Display for ForKey<'_> {
 
 /// Why an archive was refused. `key` is the requested key the entry maps to, where it maps to
 /// one.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Problem {
     /// The response is larger than `max_zip_bytes`.
+    #[error("the zip is {size} bytes, over the limit of {limit} bytes")]
     ZipTooLarge { size: usize, limit: usize },
     /// The response does not start with `PK\x03\x04`.
+    #[error("the response does not start with the zip signature")]
     NotAZip,
     /// The zip structure or an entry's data is damaged.
+    #[error("{} damaged ({detail})", Damaged(.entry))]
     Corrupt {
         entry: Option<EntryName>,
         detail: String,
     },
     /// A zip64 archive: never needed for a handful of small keys.
+    #[error("the zip uses the zip64 format")]
     Zip64,
     /// More central-directory entries than `max_entries`.
+    #[error("the zip has {count} entries, over the limit of {limit}")]
     TooManyEntries { count: usize, limit: usize },
     /// A `..` component.
+    #[error("entry {entry}{} escapes its folder with '..'", ForKey(.key))]
     Traversal {
         entry: EntryName,
         key: Option<String>,
     },
     /// A leading `/` or `\`, or a drive letter.
+    #[error("entry {entry}{} has an absolute path", ForKey(.key))]
     AbsolutePath {
         entry: EntryName,
         key: Option<String>,
     },
     /// A symbolic link (unix mode `S_IFLNK`).
+    #[error("entry {entry}{} is a symbolic link", ForKey(.key))]
     Symlink {
         entry: EntryName,
         key: Option<String>,
     },
     /// A device, fifo, socket, or a directory posing as a file.
+    #[error("entry {entry}{} is not a regular file (unix mode {mode:o})", ForKey(.key))]
     NotRegularFile {
         entry: EntryName,
         key: Option<String>,
@@ -192,29 +213,59 @@ pub enum Problem {
     },
     /// A private key whose entry name matches no requested key, and whose public key does not
     /// match exactly one of them in the listing (`listed`: whether there was a listing).
+    #[error(
+        "entry {entry} holds a private key {}",
+        if *.listed {
+            "that matches none of the requested keys, by name or by public key in the KPS listing"
+        } else {
+            "whose name matches none of the requested keys (and there is no KPS listing to \
+             match it by public key)"
+        }
+    )]
     Unmatched { entry: EntryName, listed: bool },
     /// A public key entry that is not the public half of its name's private key.
+    #[error("public key entry {entry} is not the public half of the private key for {key}")]
     PublicMismatch { entry: EntryName, key: String },
     /// A private key entry named after a key that KPS lists with another public key.
+    #[error("entry {entry} holds a private key other than the one KPS lists for {key}")]
     ListedMismatch { entry: EntryName, key: String },
     /// Two entries for one key (or two entries with the very same name).
+    #[error(
+        "{}{}",
+        if .first == .second {
+            format!("two entries are named {first}")
+        } else {
+            format!("entries {first} and {second} are both for one key")
+        },
+        ForKey(.key)
+    )]
     Duplicate {
         key: Option<String>,
         first: EntryName,
         second: EntryName,
     },
     /// An encrypted entry.
+    #[error("entry {entry}{} is encrypted", ForKey(.key))]
     Encrypted {
         entry: EntryName,
         key: Option<String>,
     },
     /// A compression method other than stored or deflate.
+    #[error(
+        "entry {entry}{} uses compression {method} (only stored and deflate are read)",
+        ForKey(.key)
+    )]
     UnsupportedCompression {
         entry: EntryName,
         key: Option<String>,
         method: String,
     },
     /// An entry larger than `max_entry_bytes`, by its header (`declared`) or once inflated.
+    #[error(
+        "entry {entry}{} {} over the limit of {limit} bytes",
+        ForKey(.key),
+        if *.declared { "declares a size" } else { "inflates to" }
+    )]
     EntryTooLarge {
         entry: EntryName,
         key: Option<String>,
@@ -222,6 +273,11 @@ pub enum Problem {
         limit: u64,
     },
     /// All entries together larger than `max_total_bytes`.
+    #[error(
+        "at entry {entry}{} the entries {} over the total limit of {limit} bytes",
+        ForKey(.key),
+        if *.declared { "declare sizes" } else { "inflate to" }
+    )]
     TotalTooLarge {
         entry: EntryName,
         key: Option<String>,
@@ -243,124 +299,6 @@ impl Problem {
             self,
             Problem::Zip64 | Problem::UnsupportedCompression { .. }
         )
-    }
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Problem::ZipTooLarge { size, limit } => {
-                write!(
-                    f,
-                    "the zip is {size} bytes, over the limit of {limit} bytes"
-                )
-            }
-            Problem::NotAZip => f.write_str("the response does not start with the zip signature"),
-            Problem::Corrupt {
-                entry: Some(entry),
-                detail,
-            } => {
-                write!(f, "entry {entry} is damaged ({detail})")
-            }
-            Problem::Corrupt {
-                entry: None,
-                detail,
-            } => {
-                write!(f, "the zip is damaged ({detail})")
-            }
-            Problem::Zip64 => f.write_str("the zip uses the zip64 format"),
-            Problem::TooManyEntries { count, limit } => {
-                write!(f, "the zip has {count} entries, over the limit of {limit}")
-            }
-            Problem::Traversal { entry, key } => {
-                write!(
-                    f,
-                    "entry {entry}{} escapes its folder with '..'",
-                    ForKey(key)
-                )
-            }
-            Problem::AbsolutePath { entry, key } => {
-                write!(f, "entry {entry}{} has an absolute path", ForKey(key))
-            }
-            Problem::Symlink { entry, key } => {
-                write!(f, "entry {entry}{} is a symbolic link", ForKey(key))
-            }
-            Problem::NotRegularFile { entry, key, mode } => write!(
-                f,
-                "entry {entry}{} is not a regular file (unix mode {mode:o})",
-                ForKey(key)
-            ),
-            Problem::Unmatched {
-                entry,
-                listed: true,
-            } => write!(
-                f,
-                "entry {entry} holds a private key that matches none of the requested keys, by \
-                 name or by public key in the KPS listing"
-            ),
-            Problem::Unmatched {
-                entry,
-                listed: false,
-            } => write!(
-                f,
-                "entry {entry} holds a private key whose name matches none of the requested keys \
-                 (and there is no KPS listing to match it by public key)"
-            ),
-            Problem::PublicMismatch { entry, key } => write!(
-                f,
-                "public key entry {entry} is not the public half of the private key for {key}"
-            ),
-            Problem::ListedMismatch { entry, key } => write!(
-                f,
-                "entry {entry} holds a private key other than the one KPS lists for {key}"
-            ),
-            Problem::Duplicate { key, first, second } if first == second => {
-                write!(f, "two entries are named {first}{}", ForKey(key))
-            }
-            Problem::Duplicate { key, first, second } => write!(
-                f,
-                "entries {first} and {second} are both for one key{}",
-                ForKey(key)
-            ),
-            Problem::Encrypted { entry, key } => {
-                write!(f, "entry {entry}{} is encrypted", ForKey(key))
-            }
-            Problem::UnsupportedCompression { entry, key, method } => write!(
-                f,
-                "entry {entry}{} uses compression {method} (only stored and deflate are read)",
-                ForKey(key)
-            ),
-            Problem::EntryTooLarge {
-                entry,
-                key,
-                declared,
-                limit,
-            } => write!(
-                f,
-                "entry {entry}{} {} over the limit of {limit} bytes",
-                ForKey(key),
-                if *declared {
-                    "declares a size"
-                } else {
-                    "inflates to"
-                }
-            ),
-            Problem::TotalTooLarge {
-                entry,
-                key,
-                declared,
-                limit,
-            } => write!(
-                f,
-                "at entry {entry}{} the entries {} over the total limit of {limit} bytes",
-                ForKey(key),
-                if *declared {
-                    "declare sizes"
-                } else {
-                    "inflate to"
-                }
-            ),
-        }
     }
 }
 
@@ -931,6 +869,89 @@ mod tests {
     use std::io::Write;
     use std::time::{Duration, Instant};
     use zip::write::SimpleFileOptions;
+
+    #[test]
+    fn problems_read_as_one_sentence_each_whatever_their_variant() {
+        let e = || EntryName("k.pem".into());
+        let key = Some("k".to_string());
+        let cases = [
+            (
+                Problem::Corrupt {
+                    entry: Some(e()),
+                    detail: "bad crc".into(),
+                },
+                "entry 'k.pem' is damaged (bad crc)",
+            ),
+            (
+                Problem::Corrupt {
+                    entry: None,
+                    detail: "no end record".into(),
+                },
+                "the zip is damaged (no end record)",
+            ),
+            (
+                Problem::Unmatched {
+                    entry: e(),
+                    listed: true,
+                },
+                "entry 'k.pem' holds a private key that matches none of the requested keys, by \
+                 name or by public key in the KPS listing",
+            ),
+            (
+                Problem::Unmatched {
+                    entry: e(),
+                    listed: false,
+                },
+                "entry 'k.pem' holds a private key whose name matches none of the requested keys \
+                 (and there is no KPS listing to match it by public key)",
+            ),
+            (
+                Problem::Duplicate {
+                    key: key.clone(),
+                    first: e(),
+                    second: EntryName("k2.pem".into()),
+                },
+                "entries 'k.pem' and 'k2.pem' are both for one key (key k)",
+            ),
+            (
+                Problem::Duplicate {
+                    key: None,
+                    first: e(),
+                    second: e(),
+                },
+                "two entries are named 'k.pem'",
+            ),
+            (
+                Problem::EntryTooLarge {
+                    entry: e(),
+                    key: key.clone(),
+                    declared: true,
+                    limit: 10,
+                },
+                "entry 'k.pem' (key k) declares a size over the limit of 10 bytes",
+            ),
+            (
+                Problem::TotalTooLarge {
+                    entry: e(),
+                    key: None,
+                    declared: false,
+                    limit: 10,
+                },
+                "at entry 'k.pem' the entries inflate to over the total limit of 10 bytes",
+            ),
+            (
+                Problem::NotRegularFile {
+                    entry: e(),
+                    key,
+                    mode: 0o20644,
+                },
+                "entry 'k.pem' (key k) is not a regular file (unix mode 20644)",
+            ),
+        ];
+        for (problem, text) in cases {
+            assert_eq!(problem.to_string(), text);
+        }
+    }
 
     const S_IFDIR: u32 = 0o040_000;
 
