@@ -251,23 +251,8 @@ impl KpsClient {
     /// documents no maximum, so a 400 to that size switches this process to the documented
     /// default, [`DEFAULT_PAGE`], with one warning, and the page is asked for again.
     pub async fn list(&self) -> Result<Listing, KpsError> {
-        #[derive(Deserialize)]
-        struct Page {
-            keypairs: Vec<Item>,
-            page_info: Option<PageInfo>,
-        }
-        #[derive(Deserialize)]
-        struct Item {
-            keypair: KeypairInfo,
-        }
-        #[derive(Deserialize)]
-        struct PageInfo {
-            next_marker: Option<String>,
-        }
-        let mut all = Listing::new();
+        let mut pages = Pages::default();
         let mut marker: Option<String> = None;
-        // A server that hands back a marker already seen would page forever.
-        let mut seen = std::collections::HashSet::new();
         loop {
             let limit = PAGE_SIZE.load(Ordering::Relaxed);
             let query = match &marker {
@@ -286,24 +271,9 @@ impl KpsClient {
                 }
                 other => other?,
             };
-            let page: Page = serde_json::from_slice(bytes.expose())
-                .map_err(|_| bad_answer("list", "the answer is not the documented JSON"))?;
-            let count = page.keypairs.len();
-            for item in page.keypairs {
-                all.insert(item.keypair.name.clone(), item.keypair);
-            }
-            match page.page_info.and_then(|p| p.next_marker) {
-                Some(next) if count > 0 && seen.insert(next.clone()) => marker = Some(next),
-                // A page that points back at one already read: what was read is not the whole
-                // listing, and a key missing from it must not be called "not in KPS".
-                Some(_) if count > 0 => {
-                    return Err(bad_answer(
-                        "list",
-                        "the listing's next_marker points back at a page already read, so the \
-                         listing is incomplete",
-                    ));
-                }
-                _ => return Ok(all),
+            match pages.take(bytes.expose())? {
+                Some(next) => marker = Some(next),
+                None => return Ok(pages.into_listing()),
             }
         }
     }
@@ -462,6 +432,59 @@ impl KpsClient {
     }
 }
 
+/// The listing as it is read, page by page: the paging rules without the network, so they are
+/// unit-tested and fuzzed (`fuzz/`) on bodies alone.
+///
+/// Invariant: it asks for a marker at most once, so a server cannot make it page forever; a
+/// marker already seen is an error, never the end, since a partial listing would call the keys
+/// it misses "not in KPS".
+#[doc(hidden)]
+#[derive(Debug, Default)]
+pub struct Pages {
+    all: Listing,
+    seen: std::collections::HashSet<String>,
+}
+
+impl Pages {
+    /// Read one page's body: `Ok(Some(marker))` asks for the page at `marker` next, `Ok(None)`
+    /// means the listing is complete. An empty page ends the listing whatever its marker says.
+    pub fn take(&mut self, body: &[u8]) -> Result<Option<String>, KpsError> {
+        #[derive(Deserialize)]
+        struct Page {
+            keypairs: Vec<Item>,
+            page_info: Option<PageInfo>,
+        }
+        #[derive(Deserialize)]
+        struct Item {
+            keypair: KeypairInfo,
+        }
+        #[derive(Deserialize)]
+        struct PageInfo {
+            next_marker: Option<String>,
+        }
+        let page: Page = serde_json::from_slice(body)
+            .map_err(|_| bad_answer("list", "the answer is not the documented JSON"))?;
+        let count = page.keypairs.len();
+        for item in page.keypairs {
+            self.all.insert(item.keypair.name.clone(), item.keypair);
+        }
+        match page.page_info.and_then(|p| p.next_marker) {
+            Some(next) if count > 0 && self.seen.insert(next.clone()) => Ok(Some(next)),
+            Some(_) if count > 0 => Err(bad_answer(
+                "list",
+                "the listing's next_marker points back at a page already read, so the listing \
+                 is incomplete",
+            )),
+            _ => Ok(None),
+        }
+    }
+
+    /// The key pairs read so far, by name (a name listed twice keeps its last entry).
+    pub fn into_listing(self) -> Listing {
+        self.all
+    }
+}
+
 /// Every attempt that reached KPS (or failed on the network) counts; credentials that could not
 /// be obtained never left the host, so they do not.
 fn count_request(operation: &str, result: &Result<SecretBytes, (KpsError, Option<Duration>)>) {
@@ -516,4 +539,43 @@ async fn read_capped(
         buf.extend_from_slice(&chunk);
     }
     Ok(SecretBytes::new(std::mem::take(&mut *buf)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Pages;
+
+    fn page(names: &[&str], next: Option<&str>) -> Vec<u8> {
+        let keypairs: Vec<_> = names
+            .iter()
+            .map(|n| serde_json::json!({ "keypair": { "name": n } }))
+            .collect();
+        serde_json::to_vec(&serde_json::json!({
+            "keypairs": keypairs,
+            "page_info": { "next_marker": next },
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn pages_follow_markers_until_null_and_keep_every_name() {
+        let mut pages = Pages::default();
+        assert_eq!(
+            pages.take(&page(&["a", "b"], Some("b"))).unwrap(),
+            Some("b".into())
+        );
+        assert_eq!(pages.take(&page(&["c"], None)).unwrap(), None);
+        let names: Vec<String> = pages.into_listing().into_keys().collect();
+        assert_eq!(names, ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn a_marker_seen_before_is_an_error_and_an_empty_page_the_end() {
+        let mut pages = Pages::default();
+        assert!(pages.take(&page(&["a"], Some("x"))).unwrap().is_some());
+        let err = pages.take(&page(&["b"], Some("x"))).unwrap_err();
+        assert!(err.message.contains("already read"), "{err}");
+        assert_eq!(Pages::default().take(&page(&[], Some("y"))).unwrap(), None);
+        assert!(Pages::default().take(b"<html>").is_err());
+    }
 }

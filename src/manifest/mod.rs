@@ -140,6 +140,28 @@ pub fn load_str(text: &str, path: &Path) -> Result<Manifest, ManifestError> {
     )
 }
 
+/// [`load_str`] without the host: no environment (`$CREDENTIALS_DIRECTORY` unset) and a fixed
+/// account table (`root` = 0, `nobody` = 65534) instead of NSS. The same parse and validation,
+/// for the manifest fuzz target in `fuzz/`, whose results must not depend on the machine. Files
+/// the text names are still looked at (strict modes, recipients files): that is the loader.
+#[doc(hidden)]
+pub fn load_str_isolated(text: &str, path: &Path) -> Result<Manifest, ManifestError> {
+    struct Fixed;
+    impl validate::Accounts for Fixed {
+        fn user(&self, name: &str) -> Result<Option<u32>, String> {
+            Ok(match name {
+                "root" => Some(0),
+                "nobody" => Some(65534),
+                _ => None,
+            })
+        }
+        fn group(&self, name: &str) -> Result<Option<u32>, String> {
+            self.user(name)
+        }
+    }
+    load_text(text, &absolute(path), &|_| None, &Fixed)
+}
+
 fn load_text(
     text: &str,
     path: &Path,
