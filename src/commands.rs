@@ -18,7 +18,7 @@ use crate::manifest::{self, Manifest};
 use crate::plan::{Change, PublicChange};
 use crate::reconcile::{self, PassOptions, PassReport};
 use crate::sdnotify::{self, Notifier};
-use crate::state::{self, State};
+use crate::state;
 
 pub const EXIT_OK: u8 = 0;
 pub const EXIT_FAILED: u8 = 1;
@@ -425,11 +425,18 @@ pub async fn status(manifest_path: &Path, json: bool) -> u8 {
             }
         })
         .collect();
+    // A pass that changed nothing did not save the state; it stamped the lock file instead.
+    let mut last_pass = state.last_pass.clone();
+    if let Some(pass) = &mut last_pass
+        && let Some(at) = state.last_pass_at(&manifest.settings.state_dir)
+    {
+        pass.at = at;
+    }
     if json {
         let doc = serde_json::json!({
             "manifest": manifest.path,
             "state_dir": manifest.settings.state_dir,
-            "last_pass": state.last_pass,
+            "last_pass": last_pass,
             "keys": rows,
         });
         println!(
@@ -437,7 +444,7 @@ pub async fn status(manifest_path: &Path, json: bool) -> u8 {
             serde_json::to_string_pretty(&doc).expect("serializes")
         );
     } else {
-        print_status(&rows, &state);
+        print_status(&rows, last_pass.as_ref());
     }
     EXIT_OK
 }
@@ -452,8 +459,8 @@ struct StatusRow {
     last_error: Option<String>,
 }
 
-fn print_status(rows: &[StatusRow], state: &State) {
-    match &state.last_pass {
+fn print_status(rows: &[StatusRow], last_pass: Option<&state::PassRecord>) {
+    match last_pass {
         Some(p) => println!(
             "last pass {}: {} managed, {} in place, {} failed",
             p.at, p.managed, p.in_place, p.failed

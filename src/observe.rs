@@ -1,5 +1,11 @@
 //! Look at the destinations on disk: the planner's view of the filesystem. Reads only; never
 //! follows a symlink at a destination.
+//!
+//! A file kps-sync recorded is read and hashed only when its `stat` no longer vouches for the
+//! recorded hash (a stat cache, as git's index keeps): the device, inode, size, mtime and ctime
+//! recorded when its bytes last hashed to the record must all be the same, and that recording
+//! must not be "racy" (see [`Stat::trusted`]). ctime cannot be set from user space, so an edit
+//! that restores the size and the mtime (`touch -d`) is still seen.
 
 use std::collections::HashMap;
 use std::fs::{File, Metadata, OpenOptions};
@@ -37,52 +43,142 @@ pub struct FileFacts {
 /// over thousands of keys cheap.
 pub type ObservedFiles = HashMap<PathBuf, Observed>;
 
-pub fn observe_all<'a>(paths: impl IntoIterator<Item = &'a Path>) -> ObservedFiles {
+/// What the state vouches for: path -> the stat recorded when the file last hashed to `sha256`.
+pub type Known = HashMap<PathBuf, (Stat, String)>;
+
+/// The stat of every file that was read and hashed in [`observe_all`] (taken before reading),
+/// by path: what the state may record to skip the read next time.
+pub type Fresh = HashMap<PathBuf, Stat>;
+
+/// How far back from the moment a stat was taken a file timestamp makes that stat racy:
+/// file timestamps come from the kernel's coarse clock (a tick behind ours) and some
+/// filesystems keep whole seconds (FAT two), so a write just after the stat could leave the
+/// same timestamps.
+const RACY_WINDOW_NS: i64 = 2_000_000_000;
+
+/// The identity and timestamps of a regular file, and when they were taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Stat {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    /// Nanoseconds since the epoch.
+    pub mtime: i64,
+    pub ctime: i64,
+    /// When this stat was taken (our clock, ns since the epoch), before the file was read.
+    pub seen: i64,
+}
+
+impl Stat {
+    fn of(meta: &Metadata, seen: i64) -> Stat {
+        Stat {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+            ctime: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+            seen,
+        }
+    }
+
+    /// Whether a file still showing this stat holds what was hashed after it was taken: git's
+    /// racy-clean rule. A file modified within [`RACY_WINDOW_NS`] before the stat (or "in the
+    /// future") could be modified again without its timestamps moving, so it is read again
+    /// (a file just written is read once more on the next pass, then trusted).
+    pub fn trusted(&self) -> bool {
+        self.mtime.max(self.ctime) < self.seen - RACY_WINDOW_NS
+    }
+
+    /// `meta` (from `lstat`) is the very file this stat was taken of, unchanged since.
+    fn vouches_for(&self, meta: &Metadata) -> bool {
+        let now = Stat::of(meta, self.seen);
+        meta.file_type().is_file() && now == *self && self.trusted()
+    }
+}
+
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}
+
+/// Observe every path; a path the state vouches for (`known`) whose stat still matches is
+/// reported with its recorded hash, without being opened. Returns, besides, the stat of each
+/// file read this time.
+pub fn observe_all<'a>(
+    paths: impl IntoIterator<Item = &'a Path>,
+    known: &Known,
+) -> (ObservedFiles, Fresh) {
     let paths: Vec<&Path> = paths.into_iter().collect();
     // Mostly syscalls and hashing of small files: spread over the cores for large manifests.
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(8);
-    if paths.len() < 256 || threads == 1 {
-        return paths
-            .iter()
-            .map(|p| (p.to_path_buf(), observe(p)))
-            .collect();
+    let one = |p: &&Path| {
+        let (observed, fresh) = observe_known(p, known.get(*p));
+        (p.to_path_buf(), observed, fresh)
+    };
+    let all: Vec<(PathBuf, Observed, Option<Stat>)> = if paths.len() < 256 || threads == 1 {
+        paths.iter().map(one).collect()
+    } else {
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = paths
+                .chunks(paths.len().div_ceil(threads))
+                .map(|chunk| scope.spawn(move || chunk.iter().map(one).collect::<Vec<_>>()))
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().expect("observe does not panic"))
+                .collect()
+        })
+    };
+    let mut observed = ObservedFiles::with_capacity(all.len());
+    let mut fresh = Fresh::new();
+    for (path, seen, stat) in all {
+        if let Some(stat) = stat {
+            fresh.insert(path.clone(), stat);
+        }
+        observed.insert(path, seen);
     }
-    std::thread::scope(|scope| {
-        let workers: Vec<_> = paths
-            .chunks(paths.len().div_ceil(threads))
-            .map(|chunk| {
-                scope.spawn(move || {
-                    chunk
-                        .iter()
-                        .map(|p| (p.to_path_buf(), observe(p)))
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .flat_map(|w| w.join().expect("observe does not panic"))
-            .collect()
-    })
+    (observed, fresh)
 }
 
-/// Observe one path. The file is opened first (never following a symlink, never blocking on a
-/// FIFO) and everything else is read through the descriptor, so what is reported is one file.
-pub fn observe(path: &Path) -> Observed {
+/// Observe one path, trusting `known` when the file's `lstat` still matches it; otherwise read
+/// it, and return the stat it had before the read.
+fn observe_known(path: &Path, known: Option<&(Stat, String)>) -> (Observed, Option<Stat>) {
+    if let Some((stat, sha256)) = known
+        && let Ok(meta) = std::fs::symlink_metadata(path)
+        && stat.vouches_for(&meta)
+    {
+        return (Observed::Regular(facts(&meta, sha256.clone())), None);
+    }
+    let seen = now_ns();
     match open_regular(path) {
         Ok((mut file, meta)) => match hash_open(&mut file) {
-            Ok(sha256) => Observed::Regular(FileFacts {
-                mode: meta.mode() & 0o7777,
-                uid: meta.uid(),
-                gid: meta.gid(),
-                sha256,
-            }),
-            Err(e) => Observed::Unreadable(e.to_string()),
+            Ok(sha256) => (
+                Observed::Regular(facts(&meta, sha256)),
+                Some(Stat::of(&meta, seen)),
+            ),
+            Err(e) => (Observed::Unreadable(e.to_string()), None),
         },
-        Err(found) => found,
+        Err(found) => (found, None),
     }
+}
+
+fn facts(meta: &Metadata, sha256: String) -> FileFacts {
+    FileFacts {
+        mode: meta.mode() & 0o7777,
+        uid: meta.uid(),
+        gid: meta.gid(),
+        sha256,
+    }
+}
+
+/// Observe one path, reading it whatever is known. The file is opened first (never following
+/// a symlink, never blocking on a FIFO) and everything else is read through the descriptor, so
+/// what is reported is one file.
+pub fn observe(path: &Path) -> Observed {
+    observe_known(path, None).0
 }
 
 /// Open `path` read-only as a regular file, or say what is there instead (`Missing`,
@@ -142,6 +238,41 @@ pub fn hash_open(file: &mut File) -> io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_trusted_stat_stands_for_the_hash_and_any_change_or_race_reads_the_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("k");
+        std::fs::write(&file, b"key").unwrap();
+        let meta = std::fs::symlink_metadata(&file).unwrap();
+        let observed = |known: &Known| {
+            let (all, fresh) = observe_all([file.as_path()], known);
+            match &all[&file] {
+                Observed::Regular(f) => (f.sha256.clone(), fresh.contains_key(&file)),
+                other => panic!("{other:?}"),
+            }
+        };
+        // Taken long after the file's last change: trusted, and the file is not read (the
+        // hash reported is the recorded one, whatever the bytes).
+        let old = Stat::of(&meta, now_ns() + 10 * RACY_WINDOW_NS);
+        let known = Known::from([(file.clone(), (old, "sha256:recorded".to_owned()))]);
+        assert_eq!(observed(&known), ("sha256:recorded".into(), false));
+        // Taken right after the change: racy, so read, and its stat offered for the record.
+        let racy = Stat::of(&meta, now_ns());
+        assert!(!racy.trusted());
+        let known = Known::from([(file.clone(), (racy, "sha256:recorded".to_owned()))]);
+        assert_eq!(observed(&known), (sha256_of(b"key"), true));
+        // Any change of the file (here its mode: the ctime moves) reads it again.
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o640))
+            .unwrap();
+        let known = Known::from([(file.clone(), (old, "sha256:recorded".to_owned()))]);
+        assert_eq!(observed(&known), (sha256_of(b"key"), true));
+        // A symlink put there is never taken for the file.
+        std::fs::remove_file(&file).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", &file).unwrap();
+        let (all, _) = observe_all([file.as_path()], &known);
+        assert_eq!(all[&file], Observed::Symlink);
+    }
 
     #[test]
     fn sees_each_kind_of_destination() {

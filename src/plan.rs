@@ -499,6 +499,7 @@ mod tests {
             recipients: None,
             fingerprint: None,
             public_key: None,
+            stat: None,
         }
     }
 
@@ -779,6 +780,7 @@ mod tests {
                     rec.public_key = Some(crate::state::PublicRecord {
                         path: public_path.clone(),
                         sha256: sha,
+                        stat: None,
                     });
                 }
                 Some(PublicChange::Adopt { fix_meta }) => {
@@ -797,6 +799,7 @@ mod tests {
                     rec.public_key = Some(crate::state::PublicRecord {
                         path: public_path.clone(),
                         sha256: f.sha256.clone(),
+                        stat: None,
                     });
                 }
                 _ => {}
@@ -911,6 +914,7 @@ mod tests {
                             fr.public_key = public.map(|h| crate::state::PublicRecord {
                                 path: pub_of(paths[p]),
                                 sha256: format!("sha256:{h}"),
+                                stat: None,
                             });
                             state.files.insert(name.to_string(), fr);
                         }

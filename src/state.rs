@@ -5,12 +5,21 @@
 //! A file at a managed path that is not recorded here was not written by kps-sync and is kept.
 //! It is written 0600 through the one atomic writer. The lock (`flock` on `state_dir/lock`)
 //! keeps two processes from reconciling the same state at once.
+//!
+//! Each record also keeps the `stat` of its file from when the file last hashed to the record
+//! (see `observe`): a later pass that finds the same stat trusts the hash without reading the
+//! file. A record without one (just written, adopted, folded from the journal, or from an
+//! older version) is read on the next pass, which then records it.
+//!
+//! The state is saved only when it changed ([`State::end_pass`]): a pass that changes nothing
+//! writes and fsyncs nothing. The time of such a pass is kept as the lock file's mtime (one
+//! `utimensat`, no data, no fsync), and `status` shows the later of the two.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
 
-use crate::observe::{self, Observed};
+use crate::observe::{self, Fresh, Known, Observed, ObservedFiles, Stat};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -28,6 +37,9 @@ pub const LOCK_FILE: &str = "lock";
 /// Everything kps-sync remembers between passes.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
+    /// The digest of the bytes this state was last loaded from or saved as.
+    #[serde(skip)]
+    baseline: Baseline,
     pub version: u32,
     /// What kps-sync wrote, by key name.
     #[serde(default)]
@@ -63,6 +75,9 @@ pub struct FileRecord {
     /// The public key file written (or adopted) beside the key (`public_key:`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_key: Option<PublicRecord>,
+    /// The file's stat when it last hashed to `sha256` (see the module doc).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stat: Option<Stat>,
 }
 
 /// A public key file kps-sync wrote or adopted.
@@ -71,6 +86,44 @@ pub struct PublicRecord {
     pub path: PathBuf,
     /// `sha256:<hex>` of its bytes.
     pub sha256: String,
+    /// The file's stat when it last hashed to `sha256`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stat: Option<Stat>,
+}
+
+/// What the state was when loaded or last saved: the SHA-256 of its bytes, to tell whether it
+/// changed, and its pass record. Not part of the state's value: two states are equal whatever
+/// bytes they came from.
+#[derive(Debug, Clone, Default)]
+struct Baseline {
+    digest: Option<[u8; 32]>,
+    pass: Option<PassRecord>,
+}
+
+impl PartialEq for Baseline {
+    fn eq(&self, _: &Baseline) -> bool {
+        true
+    }
+}
+
+impl Eq for Baseline {}
+
+/// A `Write` that only hashes: the state's bytes are digested without being held.
+struct Digester(sha2::Sha256);
+
+impl io::Write for Digester {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        sha2::Digest::update(&mut self.0, buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn digest(bytes: &[u8]) -> [u8; 32] {
+    <sha2::Sha256 as sha2::Digest>::digest(bytes).into()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,7 +194,13 @@ impl State {
                 path: path.clone(),
                 source,
             })?;
-        serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt { path, source })
+        let mut state: State = serde_json::from_slice(&bytes)
+            .map_err(|source| StateError::Corrupt { path, source })?;
+        state.baseline = Baseline {
+            digest: Some(digest(&bytes)),
+            pass: state.last_pass.clone(),
+        };
+        Ok(state)
     }
 
     /// Drop the record of `key` if it is still the one for `path` (a key moved to a new path
@@ -153,15 +212,121 @@ impl State {
     }
 
     /// Save atomically, mode 0600, creating `state_dir` 0700 if needed.
-    pub fn save(&self, state_dir: &Path) -> Result<(), StateError> {
-        let bytes = serde_json::to_vec_pretty(self).expect("state serializes");
+    pub fn save(&mut self, state_dir: &Path) -> Result<(), StateError> {
+        // Compact: a tenth smaller than pretty-printed, so quicker to read on every pass.
+        let bytes = serde_json::to_vec(self).expect("state serializes");
         write::write_atomic(
             &state_dir.join(STATE_FILE),
             &bytes,
             FileMeta::PRIVATE,
             Prior::Anything,
         )?;
+        self.baseline = Baseline {
+            digest: Some(digest(&bytes)),
+            pass: self.last_pass.clone(),
+        };
         Ok(())
+    }
+
+    /// Whether the state differs from what it was loaded from or last saved as.
+    pub fn changed(&self) -> bool {
+        let mut hasher = Digester(sha2::Sha256::default());
+        serde_json::to_writer(&mut hasher, self).expect("state serializes");
+        self.baseline.digest != Some(sha2::Digest::finalize(hasher.0).into())
+    }
+
+    /// End a pass whose record is in `last_pass`. The state is saved only when something in
+    /// it changed besides that record's time (its counts included); otherwise only the lock
+    /// file's mtime moves, so `status` still shows when the last pass ran. Returns whether the
+    /// state was saved.
+    pub fn end_pass(&mut self, state_dir: &Path) -> Result<bool, StateError> {
+        let Some(pass) = self.last_pass.clone() else {
+            return self.save(state_dir).map(|()| true);
+        };
+        let before = self.baseline.pass.as_ref().filter(|p| {
+            (p.managed, p.in_place, p.failed) == (pass.managed, pass.in_place, pass.failed)
+        });
+        if let Some(before) = before {
+            self.last_pass = Some(before.clone());
+        }
+        if before.is_some() && !self.changed() {
+            let stamped = rustix::fs::utimensat(
+                rustix::fs::CWD,
+                state_dir.join(LOCK_FILE),
+                &rustix::fs::Timestamps {
+                    last_access: now_timespec(),
+                    last_modification: now_timespec(),
+                },
+                rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+            );
+            if let Err(e) = stamped {
+                tracing::debug!(error = %e, "cannot stamp the lock file with the pass's time");
+            }
+            return Ok(false);
+        }
+        self.last_pass = Some(pass);
+        self.save(state_dir)?;
+        Ok(true)
+    }
+
+    /// When the last pass ended: the later of the saved record and the lock file's mtime
+    /// (stamped by a pass that changed nothing).
+    pub fn last_pass_at(&self, state_dir: &Path) -> Option<String> {
+        let saved = self
+            .last_pass
+            .as_ref()
+            .and_then(|p| humantime::parse_rfc3339(&p.at).ok());
+        let stamped = std::fs::symlink_metadata(state_dir.join(LOCK_FILE))
+            .ok()
+            .filter(|m| m.file_type().is_file())
+            .and_then(|m| m.modified().ok());
+        let at = match (saved, stamped) {
+            (Some(a), Some(b)) => a.max(b),
+            (a, b) => a.or(b.filter(|_| self.last_pass.is_some()))?,
+        };
+        Some(humantime::format_rfc3339_seconds(at).to_string())
+    }
+
+    /// The stat each recorded file had when it last hashed to its record, by path.
+    pub fn known(&self) -> Known {
+        let mut known = Known::new();
+        for rec in self.files.values() {
+            if let Some(stat) = rec.stat {
+                known.insert(rec.path.clone(), (stat, rec.sha256.clone()));
+            }
+            if let Some(public) = &rec.public_key
+                && let Some(stat) = public.stat
+            {
+                known.insert(public.path.clone(), (stat, public.sha256.clone()));
+            }
+        }
+        known
+    }
+
+    /// Keep the stat of each recorded file that was read this pass and still hashes to its
+    /// record, so the next pass need not read it.
+    pub fn remember(&mut self, observed: &ObservedFiles, fresh: &Fresh) {
+        let holds = |path: &Path, sha256: &str| match observed.get(path) {
+            Some(Observed::Regular(f)) if f.sha256 == sha256 => fresh.get(path).copied(),
+            _ => None,
+        };
+        for rec in self.files.values_mut() {
+            if let Some(stat) = holds(&rec.path, &rec.sha256) {
+                rec.stat = Some(stat);
+            }
+            if let Some(public) = &mut rec.public_key
+                && let Some(stat) = holds(&public.path, &public.sha256)
+            {
+                public.stat = Some(stat);
+            }
+        }
+    }
+}
+
+fn now_timespec() -> rustix::fs::Timespec {
+    rustix::fs::Timespec {
+        tv_sec: 0,
+        tv_nsec: rustix::fs::UTIME_NOW,
     }
 }
 
@@ -250,7 +415,9 @@ mod tests {
                 public_key: Some(PublicRecord {
                     path: "/etc/k.pub".into(),
                     sha256: "sha256:01".into(),
+                    stat: None,
                 }),
+                stat: None,
             },
         );
         state.last_listing = Some(now_rfc3339());
@@ -259,6 +426,41 @@ mod tests {
         let meta = std::fs::metadata(dir.join(STATE_FILE)).unwrap();
         assert_eq!(meta.mode() & 0o777, 0o600);
         assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
+    }
+
+    #[test]
+    fn a_pass_that_changed_nothing_saves_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let _lock = lock(dir, Duration::ZERO).unwrap();
+        let end = |state: &mut State, at: &str, failed| {
+            state.last_pass = Some(PassRecord {
+                at: at.into(),
+                managed: 1,
+                in_place: 1 - failed,
+                failed,
+            });
+            state.end_pass(dir).unwrap()
+        };
+        let mut state = State::load(dir).unwrap();
+        assert!(state.changed(), "a new state is saved once");
+        assert!(end(&mut state, "2026-01-01T00:00:00Z", 0));
+        let saved = std::fs::read(dir.join(STATE_FILE)).unwrap();
+
+        let mut state = State::load(dir).unwrap();
+        assert!(!state.changed());
+        assert!(!end(&mut state, "2026-01-01T00:05:00Z", 0));
+        assert_eq!(std::fs::read(dir.join(STATE_FILE)).unwrap(), saved);
+        // The time of that pass is the lock's stamp, later than the saved record.
+        let shown = state.last_pass_at(dir).unwrap();
+        assert!(shown.as_str() > "2026-01-01T00:00:00Z", "{shown}");
+
+        // Other counts, or any other change, are saved.
+        assert!(end(&mut state, "2026-01-01T00:10:00Z", 1));
+        state.last_listing = Some(now_rfc3339());
+        assert!(state.changed());
+        assert!(end(&mut state, "2026-01-01T00:15:00Z", 1));
+        assert_eq!(State::load(dir).unwrap(), state);
     }
 
     #[test]

@@ -108,6 +108,7 @@ impl Ledger {
             written_at: state::now_rfc3339(),
             recipients: None,
             public_key: None,
+            stat: None,
         };
         self.state.files.insert(key.action.key.clone(), record);
         Ok(())
@@ -173,6 +174,7 @@ impl Ledger {
             rec.public_key = Some(PublicRecord {
                 path: path.clone(),
                 sha256: seen,
+                stat: None,
             });
         }
         Ok(())

@@ -169,7 +169,7 @@ async fn pass(
     })
     .await;
     let mut report = ledger.tally(manifest.keys.len());
-    save(&ledger.state, &ledger.state_dir).await?;
+    end_pass(std::mem::take(&mut ledger.state), &ledger.state_dir).await?;
     clear_journal(&ledger.state_dir).await;
     report.hook_failures =
         report::run_hooks(&ledger.keys, &manifest.settings, || options.stopping()).await;
@@ -247,8 +247,14 @@ async fn sweep_temps(manifest: &Manifest) {
 
 /// Save the state (a copy of it, on a blocking thread).
 async fn save(state: &State, state_dir: &Path) -> Result<(), StateError> {
-    let (state, state_dir) = (state.clone(), state_dir.to_path_buf());
+    let (mut state, state_dir) = (state.clone(), state_dir.to_path_buf());
     blocking(move || state.save(&state_dir)).await
+}
+
+/// Save the state at the end of the pass if anything in it changed (see `State::end_pass`).
+async fn end_pass(mut state: State, state_dir: &Path) -> Result<bool, StateError> {
+    let state_dir = state_dir.to_path_buf();
+    blocking(move || state.end_pass(&state_dir)).await
 }
 
 /// Every intent is now a record in the saved state (or its write failed and renamed nothing).

@@ -78,46 +78,50 @@ impl Observation {
             .filter(|d| state.files.get(&d.name).is_none_or(|r| r.path != d.path))
             .map(|d| d.path.clone())
             .collect();
+        let known = state.known();
         let ours: HashSet<(PathBuf, String)> = state
             .files
             .values()
             .map(|r| (r.path.clone(), r.sha256.clone()))
             .collect();
-        let (observed, found, key_candidates, backfill) = tokio::task::spawn_blocking(move || {
-            let observed = observe::observe_all(paths.iter().map(PathBuf::as_path));
-            let backfill: Vec<(String, String)> = unfingerprinted
-                .into_iter()
-                .filter_map(|(name, path, sha256)| match observed.get(&path) {
-                    Some(Observed::Regular(f)) if f.sha256 == sha256 => {
-                        Some((name, held_key(&path, &sha256)?))
-                    }
-                    _ => None,
-                })
-                .collect();
-            let mut found: HashMap<PathBuf, String> = candidates
-                .into_iter()
-                .filter_map(|path| match observed.get(&path) {
-                    Some(Observed::Regular(f))
-                        if !ours.contains(&(path.clone(), f.sha256.clone())) =>
+        let (observed, fresh, found, key_candidates, backfill) =
+            tokio::task::spawn_blocking(move || {
+                let (observed, fresh) =
+                    observe::observe_all(paths.iter().map(PathBuf::as_path), &known);
+                let backfill: Vec<(String, String)> = unfingerprinted
+                    .into_iter()
+                    .filter_map(|(name, path, sha256)| match observed.get(&path) {
+                        Some(Observed::Regular(f)) if f.sha256 == sha256 => {
+                            Some((name, held_key(&path, &sha256)?))
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                let mut found: HashMap<PathBuf, String> = candidates
+                    .into_iter()
+                    .filter_map(|path| match observed.get(&path) {
+                        Some(Observed::Regular(f))
+                            if !ours.contains(&(path.clone(), f.sha256.clone())) =>
+                        {
+                            let fp = held_key(&path, &f.sha256)?;
+                            Some((path, fp))
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                let key_candidates = !found.is_empty();
+                for path in public_candidates {
+                    if let Some(Observed::Regular(f)) = observed.get(&path)
+                        && let Some(fp) = held_public_key(&path, &f.sha256)
                     {
-                        let fp = held_key(&path, &f.sha256)?;
-                        Some((path, fp))
+                        found.insert(path, fp);
                     }
-                    _ => None,
-                })
-                .collect();
-            let key_candidates = !found.is_empty();
-            for path in public_candidates {
-                if let Some(Observed::Regular(f)) = observed.get(&path)
-                    && let Some(fp) = held_public_key(&path, &f.sha256)
-                {
-                    found.insert(path, fp);
                 }
-            }
-            (observed, found, key_candidates, backfill)
-        })
-        .await
-        .expect("observe does not panic");
+                (observed, fresh, found, key_candidates, backfill)
+            })
+            .await
+            .expect("observe does not panic");
+        state.remember(&observed, &fresh);
         for (name, fingerprint) in backfill {
             if let Some(rec) = state.files.get_mut(&name) {
                 rec.fingerprint = Some(fingerprint);

@@ -120,6 +120,7 @@ fn place(
         recipients: want.recipients.clone(),
         fingerprint,
         public_key: None,
+        stat: None,
     })
 }
 
@@ -144,6 +145,7 @@ fn place_public(job: &Job, line: &str) -> Result<PublicRecord, Cause> {
     Ok(PublicRecord {
         path: path.clone(),
         sha256: observe::sha256_of(text.as_bytes()),
+        stat: None,
     })
 }
 

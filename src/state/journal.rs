@@ -127,6 +127,8 @@ pub fn fold(state: &mut State, state_dir: &Path) -> usize {
                 recipients: intent.recipients,
                 fingerprint: intent.fingerprint,
                 public_key,
+                // Not read since the crash: the next pass hashes it and records its stat.
+                stat: None,
             },
         );
         folded += 1;
@@ -137,7 +139,12 @@ pub fn fold(state: &mut State, state_dir: &Path) -> usize {
 /// Remove the journal once the state holding its intents is saved. Nothing to do (and no
 /// fsync) when there is none.
 pub fn clear(state_dir: &Path) -> io::Result<()> {
-    match std::fs::remove_file(state_dir.join(JOURNAL_FILE)) {
+    let path = state_dir.join(JOURNAL_FILE);
+    // A look first: a pass that published nothing attempts no unlink either.
+    if std::fs::symlink_metadata(&path).is_err_and(|e| e.kind() == io::ErrorKind::NotFound) {
+        return Ok(());
+    }
+    match std::fs::remove_file(&path) {
         Ok(()) => std::fs::File::open(state_dir)?.sync_all(),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
