@@ -387,7 +387,9 @@ fn rewatch(
         .dirs()
         .into_iter()
         .filter_map(|d| {
-            let meta = std::fs::metadata(&d).ok().filter(|m| m.is_dir())?;
+            let meta = std::fs::metadata(&d)
+                .ok()
+                .filter(std::fs::Metadata::is_dir)?;
             Some((d, (meta.dev(), meta.ino())))
         })
         .collect();

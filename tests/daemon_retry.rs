@@ -189,7 +189,7 @@ async fn runs_in_process_until_the_token_is_cancelled_and_leaves_the_state_saved
 }
 
 #[tokio::test]
-async fn a_reload_request_picks_up_a_manifest_edit_at_once() {
+async fn a_reload_request_picks_up_a_manifest_edit_at_once_and_ignores_a_broken_one() {
     let sb = Sandbox::new();
     sb.fake.add_key("a");
     sb.fake.add_key("b");
@@ -205,6 +205,25 @@ async fn a_reload_request_picks_up_a_manifest_edit_at_once() {
     assert!(
         matches!(second.last, Some(daemon::LastPass::Done { managed: 2, .. })),
         "{second:?}"
+    );
+    assert!(!second.manifest_rejected);
+
+    // An edit that does not load changes nothing: the pass the reload asks for runs with the
+    // last good manifest, and the daemon says the edit was rejected.
+    sb.write_manifest(&(sb.header() + "keys:\n  a: [not, a, path]\n"));
+    d.reload.send(()).await.unwrap();
+    let third = d.passes_done(3).await;
+    assert!(third.manifest_rejected, "{third:?}");
+    assert!(
+        matches!(
+            third.last,
+            Some(daemon::LastPass::Done {
+                managed: 2,
+                in_place: 2,
+                ..
+            })
+        ),
+        "{third:?}"
     );
     d.stop().await;
 }

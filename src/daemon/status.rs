@@ -2,6 +2,8 @@
 //! `STATUS=` line systemd shows, and the [`Snapshot`] an embedding caller (a test) can watch.
 //! Built from counts, key names, error codes and timestamps only: never key material.
 
+use std::fmt::Write as _;
+
 use tokio::time::Instant;
 
 use crate::reconcile::{Cause, FailureClass, PassReport};
@@ -116,18 +118,18 @@ pub fn status_text(last: Option<&LastPass>, drift: u64, manifest_rejected: bool)
                     .take(STATUS_KEYS)
                     .map(String::as_str)
                     .collect();
-                t.push_str(&format!(" ({}", shown.join(", ")));
+                let _ = write!(t, " ({}", shown.join(", "));
                 if failed_keys.len() > STATUS_KEYS {
-                    t.push_str(&format!(", +{} more", failed_keys.len() - STATUS_KEYS));
+                    let _ = write!(t, ", +{} more", failed_keys.len() - STATUS_KEYS);
                 }
                 t.push(')');
             }
-            t.push_str(&format!("; last pass {at}"));
+            let _ = write!(t, "; last pass {at}");
             t
         }
         Some(LastPass::Failed { at, message }) => format!("last pass failed at {at}: {message}"),
     };
-    text.push_str(&format!("; drift {drift}"));
+    let _ = write!(text, "; drift {drift}");
     if manifest_rejected {
         text.push_str("; manifest edit rejected, last good one in force (see log)");
     }
