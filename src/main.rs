@@ -128,11 +128,18 @@ fn main() -> ExitCode {
     let manifest = cli
         .manifest
         .unwrap_or_else(kps_sync::manifest::default_path);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    // The one-shot commands run on this thread: a pass is I/O-bound and does its file work on
+    // blocking threads, so worker threads would only cost memory and start-up time.
+    let runtime = match cli.command {
+        Command::Run => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+    }
+    .expect("tokio runtime");
     let code = runtime.block_on(async {
         match cli.command {
             Command::Reconcile {

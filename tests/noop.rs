@@ -70,8 +70,24 @@ fn a_no_op_pass_opens_no_destination_and_writes_nothing() {
     sb.fake.reset_stats();
     let (run, trace) = traced(
         &sb,
-        "open,openat,openat2,write,pwrite64,writev,rename,renameat,renameat2,fsync,fdatasync,sync_file_range,unlink,unlinkat",
+        "open,openat,openat2,write,pwrite64,writev,rename,renameat,renameat2,fsync,fdatasync,sync_file_range,unlink,unlinkat,socket,connect",
     );
+    // No call to make, so no HTTP client: no socket, and no TLS set-up (which reads the
+    // system's root certificates even for an http:// endpoint).
+    for line in trace.lines() {
+        assert!(
+            !line.contains("socket(") && !line.contains("connect("),
+            "a no-op pass opened a socket: {line}"
+        );
+        assert!(
+            !line.contains("/etc/ssl") && !line.contains("/certs"),
+            "a no-op pass set up TLS: {line}"
+        );
+        assert!(
+            !line.contains("/token"),
+            "a no-op pass read the credential: {line}"
+        );
+    }
     assert_eq!(run.code, 0, "{run:?}");
     assert!(
         run.stdout.contains("3 managed, 3 in place, 0 failed"),

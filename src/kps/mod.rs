@@ -136,7 +136,13 @@ fn percent_encode(value: &str) -> String {
 }
 
 pub struct KpsClient {
-    http: reqwest::Client,
+    /// Built on the first request: a pass that calls nothing sets up no HTTP client and no TLS
+    /// (loading the system's root certificates alone costs milliseconds and memory).
+    http: std::sync::OnceLock<Result<reqwest::Client, String>>,
+    /// The root certificates of `ca_file`, read (and checked) up front.
+    extra_roots: Vec<reqwest::Certificate>,
+    /// Idle connections kept per host: `settings.concurrency`.
+    idle_per_host: usize,
     /// `{endpoint}/v3/{project_id}/keypairs`
     base: String,
     auth: Arc<Auth>,
@@ -153,38 +159,26 @@ impl KpsClient {
         auth: Arc<Auth>,
         retry: RetryPolicy,
     ) -> Result<KpsClient, String> {
-        let mut builder = reqwest::Client::builder()
-            .use_rustls_tls()
-            .user_agent(concat!("kps-sync/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(Duration::from_secs(10))
-            .timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(settings.concurrency.max(1))
-            // reqwest keeps custom headers such as X-Auth-Token across a redirect to another
-            // host; KPS never redirects, so follow none.
-            .redirect(reqwest::redirect::Policy::none());
         if kps.endpoint.starts_with("http://") {
             tracing::warn!(endpoint = %kps.endpoint, "KPS is reached over plain http: credentials and keys cross the wire unencrypted; use https:// outside tests");
         }
+        let mut extra_roots = Vec::new();
         if let Some(ca_file) = &kps.ca_file {
             let pem = std::fs::read(ca_file)
                 .map_err(|e| format!("{}: cannot read ca_file: {e}", ca_file.display()))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            extra_roots = reqwest::Certificate::from_pem_bundle(&pem)
                 .map_err(|e| format!("{}: not a PEM certificate bundle: {e}", ca_file.display()))?;
-            if certs.is_empty() {
+            if extra_roots.is_empty() {
                 return Err(format!(
                     "{}: ca_file holds no PEM certificate (-----BEGIN CERTIFICATE-----); point it at the CA bundle",
                     ca_file.display()
                 ));
             }
-            for cert in certs {
-                builder = builder.add_root_certificate(cert);
-            }
         }
-        let http = builder
-            .build()
-            .map_err(|e| format!("cannot set up the HTTP client: {e}"))?;
         Ok(KpsClient {
-            http,
+            http: std::sync::OnceLock::new(),
+            extra_roots,
+            idle_per_host: settings.concurrency.max(1),
             base: format!("{}/v3/{}/keypairs", kps.endpoint, kps.project_id),
             auth,
             retry,
@@ -194,6 +188,35 @@ impl KpsClient {
 
     pub fn auth(&self) -> &Auth {
         &self.auth
+    }
+
+    /// The HTTP client, set up on first use.
+    fn http(&self, operation: &'static str) -> Result<&reqwest::Client, KpsError> {
+        let built = self.http.get_or_init(|| {
+            let mut builder = reqwest::Client::builder()
+                .use_rustls_tls()
+                .user_agent(concat!("kps-sync/", env!("CARGO_PKG_VERSION")))
+                .connect_timeout(Duration::from_secs(10))
+                .timeout(Duration::from_secs(60))
+                .pool_max_idle_per_host(self.idle_per_host)
+                // reqwest keeps custom headers such as X-Auth-Token across a redirect to
+                // another host; KPS never redirects, so follow none.
+                .redirect(reqwest::redirect::Policy::none());
+            for cert in &self.extra_roots {
+                builder = builder.add_root_certificate(cert.clone());
+            }
+            builder
+                .build()
+                .map_err(|e| format!("cannot set up the HTTP client: {e}"))
+        });
+        built.as_ref().map_err(|message| KpsError {
+            class: Class::Permanent,
+            operation,
+            status: None,
+            code: Some("tls".into()),
+            message: message.clone(),
+            request_id: None,
+        })
     }
 
     /// `POST .../private-key/batch-export`: the zip for 1 to 10 names.
@@ -347,7 +370,8 @@ impl KpsClient {
         body: Option<&[u8]>,
         cap: usize,
     ) -> Result<SecretBytes, (KpsError, Option<Duration>)> {
-        let mut builder = self.http.request(method.clone(), url);
+        let http = self.http(operation).map_err(|e| (e, None))?;
+        let mut builder = http.request(method.clone(), url);
         builder = builder.header(
             reqwest::header::CONTENT_TYPE,
             "application/json;charset=utf-8",
@@ -371,8 +395,7 @@ impl KpsClient {
                 None,
             )
         })?;
-        let mut response = self
-            .http
+        let mut response = http
             .execute(request)
             .await
             .map_err(|e| (KpsError::transport(operation, &e), None))?;

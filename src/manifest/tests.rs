@@ -1127,3 +1127,34 @@ fn default_path_prefers_the_environment() {
         PathBuf::from("/x/m.yaml")
     );
 }
+
+#[test]
+fn each_owner_and_group_name_is_looked_up_once() {
+    struct Counting(std::cell::Cell<usize>);
+    impl Accounts for Counting {
+        fn user(&self, name: &str) -> Result<Option<u32>, String> {
+            self.0.set(self.0.get() + 1);
+            FakeAccounts.user(name)
+        }
+        fn group(&self, name: &str) -> Result<Option<u32>, String> {
+            self.0.set(self.0.get() + 1);
+            FakeAccounts.group(name)
+        }
+    }
+    let keys: String = (0..50)
+        .map(|i| format!("  k{i}:\n    path: /k/{i}\n    owner: backup\n    group: backup\n"))
+        .collect();
+    let text = with_head(&format!(
+        "defaults:\n  owner: root\n  group: root\nkeys:\n{keys}"
+    ));
+    let counting = Counting(std::cell::Cell::new(0));
+    let m = load_text(&text, Path::new(MANIFEST), &no_env, &counting).unwrap();
+    assert_eq!(m.keys.len(), 50);
+    assert!(
+        m.keys
+            .iter()
+            .all(|k| k.owner.as_ref().is_some_and(|o| o.id == 34))
+    );
+    // root and backup, as user and as group.
+    assert_eq!(counting.0.get(), 4);
+}

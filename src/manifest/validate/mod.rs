@@ -4,6 +4,7 @@
 //!
 //! Invariant: a `Manifest` comes out only when no problem was found.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
 use std::net::SocketAddr;
@@ -52,6 +53,38 @@ impl Accounts for SystemAccounts {
     }
 }
 
+/// Each distinct name asked once: a manifest of thousands of keys with the same `owner:` costs
+/// one lookup (NSS may read `/etc/passwd` or ask a directory server every time).
+struct AskedOnce<'a> {
+    inner: &'a dyn Accounts,
+    users: RefCell<HashMap<String, Result<Option<u32>, String>>>,
+    groups: RefCell<HashMap<String, Result<Option<u32>, String>>>,
+}
+
+impl AskedOnce<'_> {
+    fn ask(
+        seen: &RefCell<HashMap<String, Result<Option<u32>, String>>>,
+        name: &str,
+        lookup: impl FnOnce(&str) -> Result<Option<u32>, String>,
+    ) -> Result<Option<u32>, String> {
+        if let Some(found) = seen.borrow().get(name) {
+            return found.clone();
+        }
+        let found = lookup(name);
+        seen.borrow_mut().insert(name.to_owned(), found.clone());
+        found
+    }
+}
+
+impl Accounts for AskedOnce<'_> {
+    fn user(&self, name: &str) -> Result<Option<u32>, String> {
+        Self::ask(&self.users, name, |n| self.inner.user(n))
+    }
+    fn group(&self, name: &str) -> Result<Option<u32>, String> {
+        Self::ask(&self.groups, name, |n| self.inner.group(n))
+    }
+}
+
 /// What the loader needs from the outside world besides the text.
 pub(super) struct Context<'a> {
     /// The manifest file, absolute and normalized.
@@ -77,6 +110,15 @@ pub(super) fn validate(
     text: &str,
     ctx: &Context<'_>,
 ) -> Result<Manifest, Vec<Problem>> {
+    let accounts = AskedOnce {
+        inner: ctx.accounts,
+        users: RefCell::default(),
+        groups: RefCell::default(),
+    };
+    let ctx = &Context {
+        accounts: &accounts,
+        ..*ctx
+    };
     let mut c = Checker {
         text,
         dir: ctx
