@@ -93,6 +93,19 @@ pub struct Metrics {
     resumed: Once,
 }
 
+/// A new metric of type `M`, registered under `name` (after the `kps_sync_` prefix).
+fn add<M>(registry: &mut Registry, name: &str, help: &str, unit: Option<Unit>) -> M
+where
+    M: prometheus_client::registry::Metric + Clone + Default,
+{
+    let metric = M::default();
+    match unit {
+        Some(unit) => registry.register_with_unit(name, help, unit, metric.clone()),
+        None => registry.register(name, help, metric.clone()),
+    }
+    metric
+}
+
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
 /// The process-wide set.
@@ -103,100 +116,90 @@ pub fn global() -> &'static Metrics {
 impl Metrics {
     fn new() -> Metrics {
         let mut registry = Registry::with_prefix("kps_sync");
-        let keys = Family::<StateLabel, Gauge>::default();
-        registry.register(
+        let r = &mut registry;
+        let keys: Family<StateLabel, Gauge> = add(
+            r,
             "keys",
             "Managed keys by state after the last pass: in_place, failed, pending (not attempted), conflict",
-            keys.clone(),
+            None,
         );
         for state in ["in_place", "failed", "pending", "conflict"] {
             keys.get_or_create(&StateLabel { state }).set(0);
         }
-        let last_success = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
-        registry.register_with_unit(
-            "last_success_timestamp",
-            "Unix time of the end of the last pass that brought every key in place",
-            Unit::Seconds,
-            last_success.clone(),
-        );
-        let last_pass = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
-        registry.register_with_unit(
-            "last_pass_timestamp",
-            "Unix time of the end of the last pass, successful or not",
-            Unit::Seconds,
-            last_pass.clone(),
-        );
-        let pass_duration = Histogram::new([
-            0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
-        ]);
-        registry.register_with_unit(
-            "pass_duration",
-            "How long a pass took, from the plan to the last hook",
-            Unit::Seconds,
-            pass_duration.clone(),
-        );
-        let passes = Family::<OutcomeLabel, Counter>::default();
-        registry.register(
-            "passes",
-            "Passes by outcome: success (every key in place, every hook ran), failed (some key or hook did not), error (the pass could not run)",
-            passes.clone(),
-        );
-        let requests = Family::<RequestLabels, Counter>::default();
-        registry.register(
-            "kps_requests",
-            "KPS HTTP requests by operation, outcome (status class, or network) and KPS error code",
-            requests.clone(),
-        );
-        let exports = Family::<ExportLabels, Counter>::default();
-        registry.register(
-            "exports",
-            "Keys exported, by path (batch, or single with the reason for the fallback)",
-            exports.clone(),
-        );
-        let drift = Family::<KindLabel, Counter>::default();
-        registry.register(
-            "drift_restores",
-            "Managed files put back after someone else changed them: restore (deleted or altered, exported again) or fix_meta (mode, owner or group)",
-            drift.clone(),
-        );
-        let rotations = Counter::default();
-        registry.register(
-            "rotations",
-            "Keys rewritten because KPS lists a new key pair under the same name",
-            rotations.clone(),
-        );
-        let hooks = Family::<OutcomeLabel, Counter>::default();
-        registry.register(
-            "hook_runs",
-            "on_change hooks run, by outcome",
-            hooks.clone(),
-        );
-        let build_info = Family::<BuildLabels, Gauge>::default();
-        registry.register(
+        let mut metrics = Metrics {
+            keys,
+            last_success: add(
+                r,
+                "last_success_timestamp",
+                "Unix time of the end of the last pass that brought every key in place",
+                Some(Unit::Seconds),
+            ),
+            last_pass: add(
+                r,
+                "last_pass_timestamp",
+                "Unix time of the end of the last pass, successful or not",
+                Some(Unit::Seconds),
+            ),
+            pass_duration: {
+                let buckets = [
+                    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+                ];
+                let histogram = Histogram::new(buckets);
+                r.register_with_unit(
+                    "pass_duration",
+                    "How long a pass took, from the plan to the last hook",
+                    Unit::Seconds,
+                    histogram.clone(),
+                );
+                histogram
+            },
+            passes: add(
+                r,
+                "passes",
+                "Passes by outcome: success (every key in place, every hook ran), failed (some key or hook did not), error (the pass could not run)",
+                None,
+            ),
+            requests: add(
+                r,
+                "kps_requests",
+                "KPS HTTP requests by operation, outcome (status class, or network) and KPS error code",
+                None,
+            ),
+            exports: add(
+                r,
+                "exports",
+                "Keys exported, by path (batch, or single with the reason for the fallback)",
+                None,
+            ),
+            drift: add(
+                r,
+                "drift_restores",
+                "Managed files put back after someone else changed them: restore (deleted or altered, exported again) or fix_meta (mode, owner or group)",
+                None,
+            ),
+            rotations: add(
+                r,
+                "rotations",
+                "Keys rewritten because KPS lists a new key pair under the same name",
+                None,
+            ),
+            hooks: add(r, "hook_runs", "on_change hooks run, by outcome", None),
+            registry,
+            file_lock: Mutex::new(()),
+            resumed: Once::new(),
+        };
+        let build_info: Family<BuildLabels, Gauge> = add(
+            &mut metrics.registry,
             "build_info",
             "Always 1; the version of kps-sync as a label",
-            build_info.clone(),
+            None,
         );
         build_info
             .get_or_create(&BuildLabels {
                 version: env!("CARGO_PKG_VERSION"),
             })
             .set(1);
-        Metrics {
-            registry,
-            keys,
-            last_success,
-            last_pass,
-            pass_duration,
-            passes,
-            requests,
-            exports,
-            drift,
-            rotations,
-            hooks,
-            file_lock: Mutex::new(()),
-            resumed: Once::new(),
-        }
+        metrics
     }
 
     /// The whole set in the Prometheus text format 0.0.4.
