@@ -249,34 +249,7 @@ impl Auth {
                     (None, Some(region)) => format!("https://iam.{region}.myhuaweicloud.com"),
                     (None, None) => return Err(AuthError::IamNoEndpoint),
                 };
-                let source = Source::Iam {
-                    user: user.clone(),
-                    domain: domain.clone(),
-                    password_file: password_file.clone(),
-                    endpoint: endpoint.clone(),
-                };
-                if endpoint.starts_with("http://") {
-                    tracing::warn!(%endpoint, "IAM is reached over plain http: the password crosses the wire unencrypted; use https:// outside tests");
-                }
-                let http = http_client(
-                    &source,
-                    kps.ca_file.as_deref(),
-                    iam::CONNECT_TIMEOUT,
-                    iam::TIMEOUT,
-                    true,
-                )?;
-                let client = IamClient {
-                    http,
-                    endpoint,
-                    user: user.clone(),
-                    domain: domain.clone(),
-                    password_file: password_file.clone(),
-                    project_id: kps.project_id.clone(),
-                };
-                (
-                    source,
-                    Material::Iam(client, Renewing::new("IAM token", Renewal::IAM)),
-                )
+                iam_source(user, domain, password_file, endpoint, kps)?
             }
             AuthConfig::EcsMetadata { endpoint } => {
                 let endpoint = endpoint
@@ -284,24 +257,7 @@ impl Auth {
                     .unwrap_or(ecs::DEFAULT_ENDPOINT)
                     .trim_end_matches('/')
                     .to_owned();
-                let source = Source::EcsMetadata {
-                    endpoint: endpoint.clone(),
-                };
-                // Never through a proxy: the service answers only this instance, directly.
-                let http = http_client(
-                    &source,
-                    kps.ca_file.as_deref(),
-                    ecs::TIMEOUT,
-                    ecs::TIMEOUT,
-                    false,
-                )?;
-                (
-                    source,
-                    Material::Ecs(
-                        MetadataClient { http, endpoint },
-                        Renewing::new("ECS agency credentials", Renewal::ECS),
-                    ),
-                )
+                ecs_source(endpoint, kps)?
             }
             AuthConfig::Unspecified => from_environment(env)?,
         };
@@ -449,6 +405,63 @@ impl Auth {
 }
 
 /// The choice when the manifest names no method.
+
+/// IAM as the source: tokens fetched with the password, renewed before they expire.
+fn iam_source(
+    user: &str,
+    domain: &str,
+    password_file: &Path,
+    endpoint: String,
+    kps: &KpsConfig,
+) -> Result<(Source, Material), AuthError> {
+    if endpoint.starts_with("http://") {
+        tracing::warn!(%endpoint, "IAM is reached over plain http: the password crosses the wire unencrypted; use https:// outside tests");
+    }
+    let source = Source::Iam {
+        user: user.to_owned(),
+        domain: domain.to_owned(),
+        password_file: password_file.to_owned(),
+        endpoint: endpoint.clone(),
+    };
+    let http = http_client(
+        &source,
+        kps.ca_file.as_deref(),
+        iam::CONNECT_TIMEOUT,
+        iam::TIMEOUT,
+        true,
+    )?;
+    let client = IamClient {
+        http,
+        endpoint,
+        user: user.to_owned(),
+        domain: domain.to_owned(),
+        password_file: password_file.to_owned(),
+        project_id: kps.project_id.clone(),
+    };
+    let material = Material::Iam(client, Renewing::new("IAM token", Renewal::IAM));
+    Ok((source, material))
+}
+
+/// The ECS metadata service as the source: agency credentials, renewed before they expire.
+fn ecs_source(endpoint: String, kps: &KpsConfig) -> Result<(Source, Material), AuthError> {
+    let source = Source::EcsMetadata {
+        endpoint: endpoint.clone(),
+    };
+    // Never through a proxy: the service answers only this instance, directly.
+    let http = http_client(
+        &source,
+        kps.ca_file.as_deref(),
+        ecs::TIMEOUT,
+        ecs::TIMEOUT,
+        false,
+    )?;
+    let material = Material::Ecs(
+        MetadataClient { http, endpoint },
+        Renewing::new("ECS agency credentials", Renewal::ECS),
+    );
+    Ok((source, material))
+}
+
 fn from_environment(env: &dyn Fn(&str) -> Option<String>) -> Result<(Source, Material), AuthError> {
     if let Some(found) = sources::aksk_from_env(env) {
         let key = found.map_err(|error| AuthError::Source {

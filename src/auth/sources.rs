@@ -363,78 +363,82 @@ type Sections = HashMap<String, HashMap<String, Entry>>;
 /// Python's `ConfigParser().read_string()` with default settings, reduced to what decides
 /// which keys exist and what their raw values are. Every line it would reject is rejected.
 fn parse_ini(text: &str, path: &Path) -> Result<Sections, SourceError> {
-    let syntax = |line, problem| SourceError::Syntax {
-        path: path.to_owned(),
-        line,
-        problem,
-    };
     // Python's utf-8 codec keeps a BOM and then fails on it; dropping it is the one leniency.
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let mut sections = Sections::new();
-    let mut current: Option<String> = None;
-    // The key the next more-indented line continues, if any.
-    let mut open_key: Option<String> = None;
-    let mut indent_level = 0usize;
-
+    let mut ini = Ini::default();
     for (index, raw) in text.lines().enumerate() {
-        let line_no = index + 1;
+        ini.line(index + 1, raw)
+            .map_err(|problem| SourceError::Syntax {
+                path: path.to_owned(),
+                line: index + 1,
+                problem,
+            })?;
+    }
+    Ok(ini.sections)
+}
+
+/// The reader's state between lines.
+#[derive(Default)]
+struct Ini {
+    sections: Sections,
+    current: Option<String>,
+    /// The key the next more-indented line continues, if any.
+    open_key: Option<String>,
+    indent_level: usize,
+}
+
+impl Ini {
+    fn line(&mut self, line_no: usize, raw: &str) -> Result<(), &'static str> {
         let value = raw.trim();
         let is_comment = value.starts_with('#') || value.starts_with(';');
         if value.is_empty() || is_comment {
             // configparser keeps blank lines (not comments) inside a multi-line value.
-            if !is_comment
-                && let (Some(section), Some(key)) = (&current, &open_key)
-                && let Some(entry) = sections.get_mut(section).and_then(|s| s.get_mut(key))
-            {
+            if !is_comment && let Some(entry) = self.open_entry() {
                 entry.parts.push(String::new());
             }
-            continue;
+            return Ok(());
         }
         let indent = raw.chars().take_while(|c| c.is_whitespace()).count();
-        if let (Some(section), Some(key)) = (&current, &open_key)
-            && indent > indent_level
+        if indent > self.indent_level
+            && let Some(entry) = self.open_entry()
         {
-            if let Some(entry) = sections.get_mut(section).and_then(|s| s.get_mut(key)) {
-                entry.parts.push(value.to_owned());
-            }
-            continue;
+            entry.parts.push(value.to_owned());
+            return Ok(());
         }
-        indent_level = indent;
-
+        self.indent_level = indent;
         if let Some(header) = section_header(value) {
-            if sections.contains_key(header) {
-                return Err(syntax(
-                    line_no,
-                    "a section appears twice; merge the two into one",
-                ));
+            if self.sections.contains_key(header) {
+                return Err("a section appears twice; merge the two into one");
             }
-            sections.insert(header.to_owned(), HashMap::new());
-            current = Some(header.to_owned());
-            open_key = None;
-            continue;
+            self.sections.insert(header.to_owned(), HashMap::new());
+            self.current = Some(header.to_owned());
+            self.open_key = None;
+            return Ok(());
         }
-        let Some(section) = &current else {
-            return Err(syntax(
-                line_no,
-                "a line before any [section] header; put the keys under [basic]",
-            ));
+        self.entry(line_no, value)
+    }
+
+    /// The entry a continuation line would extend.
+    fn open_entry(&mut self) -> Option<&mut Entry> {
+        let (section, key) = (self.current.as_ref()?, self.open_key.as_ref()?);
+        self.sections.get_mut(section)?.get_mut(key)
+    }
+
+    /// `key = value` or `key: value` in the current section.
+    fn entry(&mut self, line_no: usize, value: &str) -> Result<(), &'static str> {
+        let Some(section) = &self.current else {
+            return Err("a line before any [section] header; put the keys under [basic]");
         };
         let Some(delimiter) = value.find(['=', ':']) else {
-            return Err(syntax(
-                line_no,
-                "a line that is neither `key = value`, a [section] nor a comment",
-            ));
+            return Err("a line that is neither `key = value`, a [section] nor a comment");
         };
         let key = value[..delimiter].trim_end().to_lowercase();
         if key.is_empty() {
-            return Err(syntax(line_no, "a line with a value but no key"));
+            return Err("a line with a value but no key");
         }
-        let keys = sections.entry(section.clone()).or_default();
+        let keys = self.sections.entry(section.clone()).or_default();
         if keys.contains_key(&key) {
-            return Err(syntax(
-                line_no,
-                "a key set twice in one section (names ignore case); keep one",
-            ));
+            return Err("a key set twice in one section (names ignore case); keep one");
         }
         keys.insert(
             key.clone(),
@@ -443,9 +447,9 @@ fn parse_ini(text: &str, path: &Path) -> Result<Sections, SourceError> {
                 parts: vec![value[delimiter + 1..].trim().to_owned()],
             },
         );
-        open_key = Some(key);
+        self.open_key = Some(key);
+        Ok(())
     }
-    Ok(sections)
 }
 
 /// configparser's `\[(?P<header>.+)\]` matched at the start of a stripped line: the text up to
