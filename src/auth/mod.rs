@@ -404,8 +404,6 @@ impl Auth {
     }
 }
 
-/// The choice when the manifest names no method.
-
 /// IAM as the source: tokens fetched with the password, renewed before they expire.
 fn iam_source(
     user: &str,
@@ -462,6 +460,7 @@ fn ecs_source(endpoint: String, kps: &KpsConfig) -> Result<(Source, Material), A
     Ok((source, material))
 }
 
+/// The choice when the manifest names no method.
 fn from_environment(env: &dyn Fn(&str) -> Option<String>) -> Result<(Source, Material), AuthError> {
     if let Some(found) = sources::aksk_from_env(env) {
         let key = found.map_err(|error| AuthError::Source {

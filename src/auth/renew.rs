@@ -127,14 +127,14 @@ impl<T> Renewing<T> {
                 let value = Arc::new(fetched.value);
                 state.held = Some(Held {
                     value: value.clone(),
-                    renew_at: now + fetched.lifetime - margin,
+                    renew_at: now + fetched.lifetime.saturating_sub(margin),
                     expires_at: now + fetched.lifetime,
                 });
                 state.stale = false;
                 tracing::info!(
                     credential = self.what,
                     lifetime_s = fetched.lifetime.as_secs(),
-                    renew_in_s = (fetched.lifetime - margin).as_secs(),
+                    renew_in_s = fetched.lifetime.saturating_sub(margin).as_secs(),
                     "obtained new credentials"
                 );
                 Ok(value)

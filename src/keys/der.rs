@@ -205,7 +205,8 @@ impl<'a> Wire<'a> {
 }
 
 fn put_string(out: &mut Vec<u8>, s: &[u8]) {
-    out.extend_from_slice(&(s.len() as u32).to_be_bytes());
+    let len = u32::try_from(s.len()).expect("a key's wire strings are far below 4 GiB");
+    out.extend_from_slice(&len.to_be_bytes());
     out.extend_from_slice(s);
 }
 

@@ -111,11 +111,11 @@ impl Checker<'_> {
             }
             Some("iam") => match auth.iam {
                 Present::Given(iam) => self.iam(iam, region),
-                _ => None,
+                Present::Absent => None,
             },
             Some("ecs_metadata") => match auth.ecs_metadata {
                 Present::Given(ecs) => self.ecs_metadata(ecs),
-                _ => None,
+                Present::Absent => None,
             },
             Some(first) => self.ak_sk(&auth, first),
         }
