@@ -14,7 +14,7 @@
 //!
 //! Invariants:
 //! - the manifest is read, the client built and the state lock taken in one place each
-//!   (`Loaded::from_bytes`, [`take_lock`]), at start and on every reload alike;
+//!   (`Loaded::read`, [`take_lock`]), at start and on every reload alike;
 //! - the state lock is held for the daemon's whole life: one daemon per state folder, and a
 //!   cron `reconcile` waits for it, then gives up with a clear message;
 //! - at most one pass runs at a time; wakes that arrive during a pass are remembered and
@@ -111,8 +111,9 @@ pub enum DaemonError {
     /// The state lock is held by another daemon or a pass, or could not be taken.
     #[error(transparent)]
     Lock(#[from] StateError),
-    #[error("cannot take the state lock: {0}")]
-    LockTask(#[from] JoinError),
+    /// A blocking task (reading the manifest, taking the lock) stopped abnormally.
+    #[error("cannot start: {0}")]
+    Task(#[from] JoinError),
     #[error(
         "cannot serve metrics on {addr} (settings.metrics_listen): {source}; pick a free port or remove the setting"
     )]
@@ -157,9 +158,12 @@ pub async fn run(
 ) -> Result<Stopped, DaemonError> {
     let path =
         std::path::absolute(&config.manifest_path).unwrap_or_else(|_| config.manifest_path.clone());
-    let bytes = manifest::read(&path).map_err(LoadError::from)?;
-    let hash = Sha256::digest(&bytes).into();
-    let loaded = Loaded::from_bytes(bytes, &path, &config.retry)?;
+    let (hash, loaded) = match Loaded::read(&path, None, &config.retry).await {
+        Read::Changed { hash, loaded } => (hash, loaded?),
+        Read::Unreadable(e) => return Err(LoadError::Manifest(e).into()),
+        Read::Stopped(e) => return Err(DaemonError::Task(e)),
+        Read::Unchanged => unreachable!("nothing was seen before"),
+    };
     if loaded.manifest.keys.is_empty() {
         tracing::warn!(
             "{}: no keys under `keys:`, so nothing is managed; add `name: /path` lines",
@@ -211,16 +215,52 @@ struct Loaded {
     client: Arc<KpsClient>,
 }
 
+/// What reading the manifest found.
+enum Read {
+    /// Its bytes hash to what was seen last: nothing to do.
+    Unchanged,
+    /// New bytes (or a forced read), loaded or not.
+    Changed {
+        hash: [u8; 32],
+        loaded: Result<Loaded, LoadError>,
+    },
+    /// It could not be read, or its strict modes refuse it.
+    Unreadable(ManifestError),
+    /// The thread reading it stopped abnormally.
+    Stopped(JoinError),
+}
+
 impl Loaded {
-    /// Validate the manifest bytes read from `path` and build its client. The one place the
-    /// daemon does either, at start and on every reload.
-    fn from_bytes(bytes: Vec<u8>, path: &Path, retry: &RetryPolicy) -> Result<Loaded, LoadError> {
-        let manifest = manifest::load_bytes(bytes, path)?;
-        let client = connect::client_for(&manifest, retry.clone())?;
-        Ok(Loaded {
-            manifest: Arc::new(manifest),
-            client: Arc::new(client),
-        })
+    /// Read the manifest at `path` and, unless its bytes hash to `seen`, validate it and build
+    /// its client: the one place the daemon does any of it, at start and on every reload. One
+    /// read serves both the hash and the load, so what is judged is what was hashed. Off the
+    /// runtime's threads: it reads files and looks up accounts.
+    async fn read(path: &Path, seen: Option<[u8; 32]>, retry: &RetryPolicy) -> Read {
+        let (path, retry) = (path.to_path_buf(), retry.clone());
+        tokio::task::spawn_blocking(move || Loaded::read_blocking(&path, seen, retry))
+            .await
+            .unwrap_or_else(Read::Stopped)
+    }
+
+    fn read_blocking(path: &Path, seen: Option<[u8; 32]>, retry: RetryPolicy) -> Read {
+        let bytes = match manifest::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) => return Read::Unreadable(e),
+        };
+        let hash: [u8; 32] = Sha256::digest(&bytes).into();
+        if seen == Some(hash) {
+            return Read::Unchanged;
+        }
+        let loaded = manifest::load_bytes(bytes, path)
+            .map_err(LoadError::from)
+            .and_then(|manifest| {
+                let client = connect::client_for(&manifest, retry)?;
+                Ok(Loaded {
+                    manifest: Arc::new(manifest),
+                    client: Arc::new(client),
+                })
+            });
+        Read::Changed { hash, loaded }
     }
 }
 
@@ -375,10 +415,10 @@ impl Daemon {
     async fn handle(&mut self, event: Event) -> ControlFlow<()> {
         match event {
             Event::Shutdown => return self.on_shutdown(),
-            Event::Reload => self.on_reload(),
+            Event::Reload => self.on_reload().await,
             Event::Wake(wake) => self.on_wake(wake),
-            Event::ManifestDue => self.on_manifest_due(),
-            Event::PassDone(joined) => return self.on_pass_done(joined),
+            Event::ManifestDue => self.on_manifest_due().await,
+            Event::PassDone(joined) => return self.on_pass_done(joined).await,
             Event::PassDue => self.on_pass_due().await,
             Event::StopTimeout => {
                 tracing::warn!("stopping without waiting for KPS requests still in flight");
@@ -403,18 +443,18 @@ impl Daemon {
         ControlFlow::Continue(())
     }
 
-    fn on_reload(&mut self) {
+    async fn on_reload(&mut self) {
         tracing::debug!("reload requested");
         if self.running.is_some() {
             self.schedule.reload = true;
         } else {
-            self.reload_now();
+            self.reload_now().await;
         }
     }
 
     /// Re-read the manifest whatever its hash, release the held keys, and run a pass now.
-    fn reload_now(&mut self) {
-        self.check_manifest(true);
+    async fn reload_now(&mut self) {
+        self.check_manifest(true).await;
         self.held.clear();
         self.schedule.force_now();
     }
@@ -445,15 +485,15 @@ impl Daemon {
         }
     }
 
-    fn on_manifest_due(&mut self) {
+    async fn on_manifest_due(&mut self) {
         self.schedule.manifest_check.clear();
-        if self.check_manifest(false) {
+        if self.check_manifest(false).await {
             self.held.clear();
             self.schedule.force_now();
         }
     }
 
-    fn on_pass_done(&mut self, joined: PassResult) -> ControlFlow<()> {
+    async fn on_pass_done(&mut self, joined: PassResult) -> ControlFlow<()> {
         self.running = None;
         if self.schedule.stop_by.is_some() {
             return ControlFlow::Break(());
@@ -470,7 +510,7 @@ impl Daemon {
         }
         self.rewatch();
         if std::mem::take(&mut self.schedule.reload) {
-            self.reload_now();
+            self.reload_now().await;
         }
         if std::mem::take(&mut self.schedule.dirty) {
             self.schedule.soon.poke();
@@ -670,28 +710,31 @@ impl Daemon {
     /// Re-read the manifest if its content changed (or `force`, for a reload). `true` when a
     /// new manifest is now in force. A manifest that does not load is logged with its line and
     /// column, and the last good one stays.
-    fn check_manifest(&mut self, force: bool) -> bool {
-        // One read serves both the hash and the load, so what is judged is what was hashed.
-        let bytes = match manifest::read(&self.manifest_path) {
-            Ok(b) => b,
-            Err(e @ ManifestError::Untrusted { .. }) => {
+    async fn check_manifest(&mut self, force: bool) -> bool {
+        let seen = if force { None } else { self.seen_hash };
+        let (hash, loaded) = match Loaded::read(&self.manifest_path, seen, &self.retry).await {
+            Read::Changed { hash, loaded } => (hash, loaded),
+            Read::Unchanged => {
+                tracing::debug!("manifest touched, content unchanged");
+                return false;
+            }
+            Read::Unreadable(e @ ManifestError::Untrusted { .. }) => {
                 // Strict modes first: a manifest others could have written is not read at all.
                 tracing::error!("manifest refused, the last good manifest stays in force: {e}");
                 self.manifest_rejected = true;
                 return false;
             }
-            Err(e) => {
+            Read::Unreadable(e) => {
                 tracing::warn!("{e}; the last good manifest stays in force");
                 return false;
             }
+            Read::Stopped(e) => {
+                tracing::error!(error = %e, "reading the manifest stopped abnormally; the last good one stays in force");
+                return false;
+            }
         };
-        let hash: [u8; 32] = Sha256::digest(&bytes).into();
-        if !force && self.seen_hash == Some(hash) {
-            tracing::debug!("manifest touched, content unchanged");
-            return false;
-        }
         self.seen_hash = Some(hash);
-        if let Err(e) = self.load(bytes) {
+        if let Err(e) = loaded.and_then(|l| self.put_in_force(l)) {
             self.manifest_rejected = true;
             tracing::error!("manifest edit ignored, the last good manifest stays in force: {e}");
             self.notify(&sdnotify::status(&self.status_text()));
@@ -706,10 +749,8 @@ impl Daemon {
         true
     }
 
-    /// Put the manifest in `bytes` in force, with everything that depends on it, or change
-    /// nothing.
-    fn load(&mut self, bytes: Vec<u8>) -> Result<(), LoadError> {
-        let loaded = Loaded::from_bytes(bytes, &self.manifest_path, &self.retry)?;
+    /// Put a loaded manifest in force, with everything that depends on it, or change nothing.
+    fn put_in_force(&mut self, loaded: Loaded) -> Result<(), LoadError> {
         let new = &loaded.manifest.settings;
         let old = &self.manifest.settings;
         if new.state_dir != old.state_dir {
