@@ -183,6 +183,9 @@ fn load_text(
                 .into(),
         }]));
     }
+    if let Some(problem) = stray_line_break(text) {
+        return Err(invalid(vec![problem]));
+    }
     // One parse: duplicate keys are refused inside it (see `dupkeys`).
     let raw =
         dupkeys::Unique::<raw::RawManifest>::deserialize(serde_yaml::Deserializer::from_str(text))
@@ -204,6 +207,36 @@ fn load_text(
         accounts,
     };
     validate::validate(raw, text, &ctx).map_err(invalid)
+}
+
+/// libyaml reads a lone CR, NEL, LS and PS as line breaks; editors mostly do not, nor does
+/// `str::lines`. After one, every line number the parser gives would point elsewhere than the
+/// operator looks (the fuzzer's `\r\r/` was refused "at line 3" of a one-line file), so such
+/// a character is refused first, at the line and column an editor shows.
+fn stray_line_break(text: &str) -> Option<Problem> {
+    text.split('\n').enumerate().find_map(|(i, line)| {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        let (column, c) = line
+            .chars()
+            .enumerate()
+            .find(|(_, c)| matches!(c, '\r' | '\u{85}' | '\u{2028}' | '\u{2029}'))?;
+        let what = match c {
+            '\r' => "a carriage return without a line feed (old Mac line ends)",
+            '\u{85}' => "a next-line character (U+0085)",
+            '\u{2028}' => "a line separator (U+2028)",
+            _ => "a paragraph separator (U+2029)",
+        };
+        Some(Problem {
+            location: Some(Location {
+                line: i + 1,
+                column: column + 1,
+            }),
+            message: format!(
+                "{what}: YAML reads it as a line break where editors show none, so lines would \
+                 not match; remove it, and save the manifest with LF (or CRLF) line ends"
+            ),
+        })
+    })
 }
 
 /// YAML indents with spaces only, and libyaml's word for a tab there ("found character that

@@ -1158,3 +1158,19 @@ fn each_owner_and_group_name_is_looked_up_once() {
     // root and backup, as user and as group.
     assert_eq!(counting.0.get(), 4);
 }
+
+/// Found by the manifest fuzz target (`fuzz/regressions/manifest/lone-cr`): libyaml counts a
+/// lone CR as a line break, so this one-line manifest was refused "at line 3".
+#[test]
+fn a_line_break_only_yaml_sees_is_refused_where_an_editor_shows_it() {
+    assert_problem(
+        "\r\r/",
+        "1:1",
+        &["carriage return without a line feed", "LF"],
+    );
+    let text = "version: 1\nkps:\n  region: cn-north-4 # \u{2028}\nkeys: {}\n";
+    assert_problem(text, "3:24", &["U+2028"]);
+    // CRLF line ends are line ends, not stray breaks.
+    let crlf = "version: 1\r\nkps:\r\n  region: nowhere-1\r\n";
+    assert!(problems(crlf).iter().all(|p| !p.contains("line break")));
+}
