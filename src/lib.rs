@@ -2,25 +2,23 @@
 //! where a YAML manifest says, and nowhere else.
 //!
 //! Data flows one way, one module per step:
-//! `manifest` -> `plan` (with `observe` and `state`) -> `kps` (export) -> `archive` (unpack)
-//! -> `encrypt` -> `write` -> `state` -> `hooks`. `reconcile` runs one pass over them; `keys` is
-//! the one parser of key text that the archive, the export and the writer call.
+//! `manifest` -> `plan` (with `observe` and `state`) -> `kps` (export, `kps::archive` unpacks)
+//! -> `keys` (parse, normalise, verify) -> `output` (encrypt, write) -> `state` -> `hooks`.
+//! `reconcile` runs one pass over them. ARCHITECTURE.md is the map.
 
 #![forbid(unsafe_code)]
 
-pub mod archive;
 pub mod auth;
 pub mod commands;
 pub mod daemon;
-pub mod encrypt;
 pub mod hooks;
 pub mod keys;
 pub mod kps;
 pub mod logging;
 pub mod manifest;
-pub mod meta;
 pub mod metrics;
 pub mod observe;
+pub mod output;
 pub mod plan;
 pub mod progress;
 pub mod reconcile;
@@ -29,4 +27,3 @@ pub mod secret;
 pub mod state;
 pub mod trust;
 pub mod watch;
-pub mod write;

@@ -27,10 +27,10 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::manifest::Manifest;
-use crate::meta::FileMeta;
+use crate::output::meta::FileMeta;
+use crate::output::write::{self, Prior};
 use crate::plan::Change;
 use crate::reconcile::PassReport;
-use crate::write::{self, Prior};
 
 /// node_exporter runs as its own user and must be able to read the file; it holds no secret.
 const METRICS_FILE_MODE: u32 = 0o644;

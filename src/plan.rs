@@ -18,8 +18,8 @@ use std::fmt;
 use std::path::PathBuf;
 
 use crate::manifest::KeySpec;
-use crate::meta::FileMeta;
 use crate::observe::{FileFacts, Observed, ObservedFiles};
+use crate::output::meta::FileMeta;
 use crate::state::State;
 
 /// What one managed key must look like on disk.

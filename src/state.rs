@@ -28,8 +28,8 @@ use serde::{Deserialize, Serialize};
 
 pub mod journal;
 
-use crate::meta::FileMeta;
-use crate::write::{self, Prior, WriteError};
+use crate::output::meta::FileMeta;
+use crate::output::write::{self, Prior, WriteError};
 
 pub const STATE_FILE: &str = "state.json";
 pub const LOCK_FILE: &str = "lock";

@@ -26,7 +26,7 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::write::names;
+use crate::output::write::names;
 
 /// Linux's own limit on symlinks in one lookup.
 const MAX_SYMLINKS: usize = 40;

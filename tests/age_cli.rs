@@ -7,8 +7,8 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use kps_sync::encrypt::encrypt;
 use kps_sync::manifest::{Encryption, ParsedRecipient, Recipient};
+use kps_sync::output::encrypt::encrypt;
 use kps_sync::secret::SecretBytes;
 
 const KEY: &[u8] = b"-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----\n";

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use kps_sync::archive::{Limits, Problem, unpack};
+use kps_sync::kps::archive::{Limits, Problem, unpack};
 
 struct Counting;
 

@@ -21,8 +21,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kps_sync::output::write;
 use kps_sync::reconcile::{self, PassOptions};
-use kps_sync::write;
 
 const USER: &str = "kps-sync-race";
 const SWAPPER_ENV: &str = "RACE_SWAPPER";

@@ -1,4 +1,4 @@
-//! The batch-export unpacker (`kps_sync::archive::unpack`) on hostile archives, with and
+//! The batch-export unpacker (`kps_sync::kps::archive::unpack`) on hostile archives, with and
 //! without a KPS listing.
 //!
 //! Byte 0 steers: bit 0 a listing, bits 1-5 which of the five names are requested, bit 6 the
@@ -22,7 +22,7 @@ use std::io::Write;
 use std::sync::LazyLock;
 
 use arbitrary::{Arbitrary, Unstructured};
-use kps_sync::archive::{Limits, Listing, unpack};
+use kps_sync::kps::archive::{Limits, Listing, unpack};
 use kps_sync::keys::{PrivateKey, PublicKey};
 use kps_sync::kps::KeypairInfo;
 use kps_sync_fuzz::one_log_line;

@@ -19,8 +19,8 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 
-use crate::archive::{self, Gap, Limits, Listing, Problem};
 use crate::keys::{KeyError, PrivateKey};
+use crate::kps::archive::{self, Gap, Limits, Listing, Problem};
 use crate::kps::{KpsClient, KpsError};
 
 /// Why one key could not be exported.
@@ -256,7 +256,7 @@ async fn export_one(client: &KpsClient, name: &str) -> Result<PrivateKey, Export
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::archive::EntryName;
+    use crate::kps::archive::EntryName;
 
     #[test]
     fn every_refusal_and_gap_has_a_reason_with_a_distinct_label() {

@@ -1,10 +1,13 @@
-//! The KPS HTTP client: batch export, single export, list. Retries throttling and server
+//! The KPS HTTP client: batch export, single export, list; `archive` unpacks the batch
+//! export's zip under hard limits, and `export` falls back to single exports where a batch
+//! cannot be used. Retries throttling and server
 //! errors with backoff and jitter (honouring `Retry-After`) within a bounded budget, refreshes
 //! credentials once on a 401, caps every response body, and logs each `X-Request-Id`.
 //!
 //! Invariants: response bodies that can hold keys go straight into zeroizing buffers; no
 //! request or response body is ever logged.
 
+pub mod archive;
 pub mod connect;
 mod error;
 pub mod export;

@@ -14,10 +14,10 @@ use super::export::Job;
 use super::outcome::Cause;
 use super::place::display_public;
 use super::planned::{Ledger, Planned};
-use crate::meta::FileMeta;
+use crate::output::meta::FileMeta;
+use crate::output::write;
 use crate::plan::{self, Change, PublicChange};
 use crate::state::{self, FileRecord, PublicRecord};
-use crate::write;
 
 impl Ledger {
     /// Carry out every change that needs no export, in plan order, and say what to export.

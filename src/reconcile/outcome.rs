@@ -9,13 +9,13 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::encrypt::EncryptError;
 use crate::keys::KeyError;
 use crate::kps::KpsError;
 use crate::kps::export::{ExportError, FallbackReason};
+use crate::output::encrypt::EncryptError;
+use crate::output::write::WriteError;
 use crate::plan::{Change, ConflictReason};
 use crate::state::StateError;
-use crate::write::WriteError;
 
 /// Whether trying again soon can help; drives the daemon's retries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

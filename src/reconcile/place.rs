@@ -14,10 +14,11 @@ use super::export::Job;
 use super::outcome::{Cause, Unexportable};
 use super::planned::Declared;
 use crate::kps::KeypairInfo;
-use crate::meta::FileMeta;
+use crate::output::meta::FileMeta;
+use crate::output::write::Prior;
+use crate::output::{encrypt, write};
 use crate::state::{self, FileRecord, PublicRecord};
-use crate::write::Prior;
-use crate::{encrypt, keys, observe, plan, write};
+use crate::{keys, observe, plan};
 
 /// What placing one key did: the key file's record if it was written, and the public key
 /// file's record if it was (or why it was not). A key file written with a public key file that
