@@ -266,6 +266,9 @@ impl Plan {
 }
 
 /// Compute the plan. `observed` must hold every desired path and every recorded path.
+///
+/// The plan holds one action per desired key, in `desired`'s order, then one per record no
+/// longer backed by the manifest (its key gone, or moved to another path), in the state's order.
 pub fn plan(
     desired: &[Desired],
     prune: bool,
@@ -273,52 +276,13 @@ pub fn plan(
     state: &State,
     keys: &KeyFacts,
 ) -> Plan {
-    let mut actions = Vec::new();
+    let mut actions: Vec<Action> = desired
+        .iter()
+        .map(|want| plan_declared(want, observed, state, keys))
+        .collect();
     let managed_paths: HashSet<&PathBuf> = desired.iter().map(|d| &d.path).collect();
     let managed_names: BTreeMap<&str, &Desired> =
         desired.iter().map(|d| (d.name.as_str(), d)).collect();
-
-    for want in desired {
-        let mut change = match observed.get(&want.path).unwrap_or(&Observed::Missing) {
-            Observed::Symlink => Change::Conflict(ConflictReason::Symlink),
-            Observed::NotRegular => Change::Conflict(ConflictReason::NotRegular),
-            Observed::Unreadable(why) => Change::Conflict(ConflictReason::Unreadable(why.clone())),
-            Observed::Missing => match state.files.get(&want.name) {
-                Some(rec) if rec.path == want.path => Change::Restore(RestoreReason::Deleted),
-                _ => Change::Create,
-            },
-            Observed::Regular(facts) => plan_existing(want, facts, state, keys),
-        };
-        let mut public = want
-            .public_key
-            .as_ref()
-            .and_then(|p| plan_public(want, p, &change, observed, state, keys));
-        // Writing the public key file alone needs the key on disk's fingerprint, to check the
-        // export is that key; without it, the key is written again too.
-        let fingerprint_known = state
-            .files
-            .get(&want.name)
-            .is_some_and(|r| r.fingerprint.is_some());
-        if public == Some(PublicChange::Write)
-            && matches!(change, Change::Keep | Change::FixMeta)
-            && !fingerprint_known
-        {
-            change = Change::Restore(RestoreReason::PublicKey);
-            public = want
-                .public_key
-                .as_ref()
-                .and_then(|p| plan_public(want, p, &change, observed, state, keys));
-        }
-        actions.push(Action {
-            key: want.name.clone(),
-            path: want.path.clone(),
-            change,
-            seen: seen(observed, &want.path),
-            public,
-            public_seen: want.public_key.as_ref().and_then(|p| seen(observed, p)),
-        });
-    }
-
     // Records no longer backed by the manifest: the key is gone, or moved to another path.
     for (name, rec) in &state.files {
         let still_here = managed_names
@@ -332,13 +296,8 @@ pub fn plan(
             Change::Forget
         } else {
             match observed.get(&rec.path).unwrap_or(&Observed::Missing) {
-                Observed::Regular(facts) if facts.sha256 == rec.sha256 => {
-                    if prune {
-                        Change::Prune
-                    } else {
-                        Change::Orphan
-                    }
-                }
+                Observed::Regular(facts) if facts.sha256 == rec.sha256 && prune => Change::Prune,
+                Observed::Regular(facts) if facts.sha256 == rec.sha256 => Change::Orphan,
                 // Gone, replaced or altered by someone else: not ours to delete any more.
                 _ => Change::Forget,
             }
@@ -353,6 +312,52 @@ pub fn plan(
         });
     }
     Plan { actions }
+}
+
+/// The action for one declared key: its file's change, and its public key file's.
+fn plan_declared(
+    want: &Desired,
+    observed: &ObservedFiles,
+    state: &State,
+    keys: &KeyFacts,
+) -> Action {
+    let mut change = match observed.get(&want.path).unwrap_or(&Observed::Missing) {
+        Observed::Symlink => Change::Conflict(ConflictReason::Symlink),
+        Observed::NotRegular => Change::Conflict(ConflictReason::NotRegular),
+        Observed::Unreadable(why) => Change::Conflict(ConflictReason::Unreadable(why.clone())),
+        Observed::Missing => match state.files.get(&want.name) {
+            Some(rec) if rec.path == want.path => Change::Restore(RestoreReason::Deleted),
+            _ => Change::Create,
+        },
+        Observed::Regular(facts) => plan_existing(want, facts, state, keys),
+    };
+    let public_of = |change: &Change| {
+        want.public_key
+            .as_ref()
+            .and_then(|p| plan_public(want, p, change, observed, state, keys))
+    };
+    let mut public = public_of(&change);
+    // Writing the public key file alone needs the key on disk's fingerprint, to check the
+    // export is that key; without it, the key is written again too.
+    let fingerprint_known = state
+        .files
+        .get(&want.name)
+        .is_some_and(|r| r.fingerprint.is_some());
+    if public == Some(PublicChange::Write)
+        && matches!(change, Change::Keep | Change::FixMeta)
+        && !fingerprint_known
+    {
+        change = Change::Restore(RestoreReason::PublicKey);
+        public = public_of(&change);
+    }
+    Action {
+        key: want.name.clone(),
+        path: want.path.clone(),
+        change,
+        seen: seen(observed, &want.path),
+        public,
+        public_seen: want.public_key.as_ref().and_then(|p| seen(observed, p)),
+    }
 }
 
 fn seen(observed: &ObservedFiles, path: &PathBuf) -> Option<String> {

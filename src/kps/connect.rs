@@ -8,7 +8,7 @@ use crate::auth::{Auth, AuthError, Source};
 use crate::manifest::Manifest;
 use crate::trust::{self, Untrusted};
 
-use super::{KpsClient, RetryPolicy};
+use super::{ClientError, KpsClient, RetryPolicy};
 
 /// Why no client could be built; nothing was sent to KPS. The caller's input is at fault
 /// (the manifest, the credentials or their files), so `reconcile` exits 2 for each.
@@ -20,10 +20,9 @@ pub enum SetupError {
     /// The SDK credentials file found through `$HOME` is open to others.
     #[error(transparent)]
     Untrusted(#[from] Untrusted),
-    /// The HTTP client could not be made (an unreadable or empty `ca_file`); the text names
-    /// the file and what to do.
-    #[error("{0}")]
-    Client(String),
+    /// The HTTP client could not be made (an unreadable or empty `ca_file`).
+    #[error(transparent)]
+    Client(#[from] ClientError),
 }
 
 /// The client for `manifest`, with the credentials from the manifest or the environment.
@@ -32,8 +31,12 @@ pub fn client_for(manifest: &Manifest, retry: RetryPolicy) -> Result<KpsClient, 
     let auth = Auth::resolve(&manifest.kps, &env)?;
     trusted_credentials(&auth)?;
     tracing::info!(source = %auth.source(), endpoint = %manifest.kps.endpoint, "using KPS credentials");
-    KpsClient::new(&manifest.kps, &manifest.settings, Arc::new(auth), retry)
-        .map_err(SetupError::Client)
+    Ok(KpsClient::new(
+        &manifest.kps,
+        &manifest.settings,
+        Arc::new(auth),
+        retry,
+    )?)
 }
 
 /// Strict modes for the SDK credentials file found through `$HOME` (the files the manifest

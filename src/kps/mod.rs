@@ -138,10 +138,29 @@ fn percent_encode(value: &str) -> String {
     out
 }
 
+/// Why the client could not be made: its `ca_file`. Each names the file and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{path}: cannot read ca_file: {source}")]
+    CaFileRead {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a PEM certificate bundle: {source}")]
+    CaFileNotPem {
+        path: std::path::PathBuf,
+        source: reqwest::Error,
+    },
+    #[error(
+        "{path}: ca_file holds no PEM certificate (-----BEGIN CERTIFICATE-----); point it at the CA bundle"
+    )]
+    CaFileEmpty { path: std::path::PathBuf },
+}
+
 pub struct KpsClient {
     /// Built on the first request: a pass that calls nothing sets up no HTTP client and no TLS
     /// (loading the system's root certificates alone costs milliseconds and memory).
-    http: std::sync::OnceLock<Result<reqwest::Client, String>>,
+    http: std::sync::OnceLock<Result<reqwest::Client, reqwest::Error>>,
     /// The root certificates of `ca_file`, read (and checked) up front.
     extra_roots: Vec<reqwest::Certificate>,
     /// Idle connections kept per host: `settings.concurrency`.
@@ -161,21 +180,26 @@ impl KpsClient {
         settings: &Settings,
         auth: Arc<Auth>,
         retry: RetryPolicy,
-    ) -> Result<KpsClient, String> {
+    ) -> Result<KpsClient, ClientError> {
         if kps.endpoint.starts_with("http://") {
             tracing::warn!(endpoint = %kps.endpoint, "KPS is reached over plain http: credentials and keys cross the wire unencrypted; use https:// outside tests");
         }
         let mut extra_roots = Vec::new();
         if let Some(ca_file) = &kps.ca_file {
-            let pem = std::fs::read(ca_file)
-                .map_err(|e| format!("{}: cannot read ca_file: {e}", ca_file.display()))?;
-            extra_roots = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| format!("{}: not a PEM certificate bundle: {e}", ca_file.display()))?;
+            let pem = std::fs::read(ca_file).map_err(|source| ClientError::CaFileRead {
+                path: ca_file.clone(),
+                source,
+            })?;
+            extra_roots = reqwest::Certificate::from_pem_bundle(&pem).map_err(|source| {
+                ClientError::CaFileNotPem {
+                    path: ca_file.clone(),
+                    source,
+                }
+            })?;
             if extra_roots.is_empty() {
-                return Err(format!(
-                    "{}: ca_file holds no PEM certificate (-----BEGIN CERTIFICATE-----); point it at the CA bundle",
-                    ca_file.display()
-                ));
+                return Err(ClientError::CaFileEmpty {
+                    path: ca_file.clone(),
+                });
             }
         }
         Ok(KpsClient {
@@ -208,16 +232,14 @@ impl KpsClient {
             for cert in &self.extra_roots {
                 builder = builder.add_root_certificate(cert.clone());
             }
-            builder
-                .build()
-                .map_err(|e| format!("cannot set up the HTTP client: {e}"))
+            builder.build()
         });
-        built.as_ref().map_err(|message| KpsError {
+        built.as_ref().map_err(|e| KpsError {
             class: Class::Permanent,
             operation,
             status: None,
             code: Some("tls".into()),
-            message: message.clone(),
+            message: format!("cannot set up the HTTP client: {e}"),
             request_id: None,
         })
     }

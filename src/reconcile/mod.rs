@@ -59,7 +59,9 @@ use crate::plan::Plan;
 use crate::state::{self, State, StateError};
 
 pub use observe::Observation;
-pub use outcome::{Cause, FailureClass, Outcome, PassError, PassReport, Unexportable};
+pub use outcome::{
+    Cause, FailureClass, ListingError, Outcome, PassError, PassReport, Unexportable,
+};
 use planned::{Ledger, Planned};
 
 /// Inputs of a pass besides the manifest.
@@ -186,7 +188,7 @@ struct Listed {
     /// When the listing was asked for; `None` when the pass did not list (or could not).
     at: Option<SystemTime>,
     /// The pass had to list and could not: it goes on without the listing.
-    error: Option<String>,
+    error: Option<ListingError>,
 }
 
 /// Plan without a listing, list KPS if that plan (or the cadence) calls for it, and plan
@@ -219,7 +221,7 @@ async fn plan_with_listing(
         }
         Err(e) => {
             tracing::warn!(error = %e, "cannot list KPS key pairs; going on without the listing this pass");
-            (None, Some(format!("cannot list KPS key pairs: {e}")))
+            (None, Some(ListingError(e)))
         }
     };
     let plan = match &remote {

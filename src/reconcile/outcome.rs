@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::hooks::HookError;
 use crate::keys::KeyError;
 use crate::kps::KpsError;
 use crate::kps::export::{ExportError, FallbackReason};
@@ -185,11 +186,11 @@ pub struct PassReport {
     /// Keys not in place (failed or in conflict).
     pub failed: usize,
     /// Hooks that failed (their keys are in place).
-    pub hook_failures: Vec<String>,
+    pub hook_failures: Vec<Arc<HookError>>,
     /// The pass stopped early for shutdown.
     pub interrupted: bool,
     /// The pass had to list KPS and could not; it went on without the listing.
-    pub listing_error: Option<String>,
+    pub listing_error: Option<ListingError>,
     /// Names exported one by one because the batch zip could not be used, by reason.
     pub fallbacks: BTreeMap<FallbackReason, usize>,
 }
@@ -203,6 +204,12 @@ impl PassReport {
             && self.listing_error.is_none()
     }
 }
+
+/// The pass had to list KPS and could not; it went on without the listing (no rotation check,
+/// no adoption, no check of the exports against it).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("cannot list KPS key pairs: {0}")]
+pub struct ListingError(pub KpsError);
 
 /// A failure of the pass as a whole (nothing per key could be judged).
 #[derive(Debug, thiserror::Error)]

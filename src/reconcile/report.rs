@@ -7,9 +7,11 @@
 //! hooks run after the state records what was written, once per distinct argv.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 
 use super::outcome::PassReport;
 use super::planned::{Ledger, Planned};
+use crate::hooks::HookError;
 use crate::manifest::Settings;
 use crate::state::{self, ErrorRecord, PassRecord};
 
@@ -74,7 +76,7 @@ pub(super) async fn run_hooks(
     keys: &[Planned],
     settings: &Settings,
     stopping: impl Fn() -> bool,
-) -> Vec<String> {
+) -> Vec<Arc<HookError>> {
     let mut by_argv: BTreeMap<&[String], Vec<&Planned>> = BTreeMap::new();
     for key in keys.iter().filter(|k| k.written) {
         if let Some(declared) = key
@@ -106,7 +108,7 @@ pub(super) async fn run_hooks(
         .await;
         crate::metrics::global().hook_run(ran.is_ok());
         if let Err(e) = ran {
-            failures.push(e.to_string());
+            failures.push(Arc::new(e));
         }
     }
     failures
