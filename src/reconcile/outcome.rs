@@ -222,3 +222,143 @@ pub enum PassError {
     #[error("{0}")]
     Unauthorized(KpsError),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kps::KpsError;
+
+    fn write_error(symlink: bool) -> Arc<WriteError> {
+        let path = PathBuf::from("/keys/a.pem");
+        Arc::new(if symlink {
+            WriteError::Symlink { path }
+        } else {
+            WriteError::NotAFolder { path }
+        })
+    }
+
+    /// The labels users see in output, `status`, the state's error records and the logs, and
+    /// the class that drives the daemon's retries, for every cause.
+    #[test]
+    fn every_cause_has_its_stable_label_and_class() {
+        use FailureClass::{Permanent, Transient};
+        let kps = |status: u16, code: &str| {
+            let body = format!(r#"{{"error_code":"{code}","error_msg":"m"}}"#);
+            Cause::Export(ExportError::Kps(KpsError::from_response(
+                "batch export",
+                status,
+                body.as_bytes(),
+                None,
+            )))
+        };
+        let path = PathBuf::from("/keys/a.pem");
+        let cases = [
+            (kps(400, "KPS.6004"), "KPS.6004", Permanent),
+            (kps(400, "KPS.6005"), "KPS.6005", Permanent),
+            (kps(503, "KPS.5001"), "KPS.5001", Transient),
+            (kps(429, "APIG.0308"), "APIG.0308", Transient),
+            (
+                Cause::Export(ExportError::Key(KeyError::Empty)),
+                "not-a-key",
+                Permanent,
+            ),
+            (
+                Cause::Listed(Unexportable::NotListed),
+                "KPS.6004",
+                Permanent,
+            ),
+            (
+                Cause::Listed(Unexportable::NotHosted),
+                "KPS.6005",
+                Permanent,
+            ),
+            (Cause::Listed(Unexportable::Frozen), "frozen", Permanent),
+            (Cause::Verify(KeyError::Html), "not-a-key", Permanent),
+            (
+                Cause::Verify(KeyError::Mismatch {
+                    what: "public key",
+                    listed: "SHA256:a".into(),
+                    ours: "SHA256:b".into(),
+                }),
+                "mismatch",
+                Permanent,
+            ),
+            (
+                Cause::Conflict {
+                    path: path.clone(),
+                    reason: ConflictReason::NotOurs,
+                },
+                "conflict",
+                Permanent,
+            ),
+            (
+                Cause::of_write(Arc::into_inner(write_error(true)).unwrap()),
+                "conflict",
+                Permanent,
+            ),
+            (
+                Cause::of_write(Arc::into_inner(write_error(false)).unwrap()),
+                "write",
+                Transient,
+            ),
+            (
+                Cause::Journal {
+                    path: path.clone(),
+                    journal: "/state/journal".into(),
+                    source: Arc::new(std::io::Error::other("disk full")),
+                },
+                "write",
+                Transient,
+            ),
+            (
+                Cause::Encrypt(Arc::new(EncryptError::NoRecipients)),
+                "encrypt",
+                Permanent,
+            ),
+            (Cause::Prune(write_error(false)), "prune", Permanent),
+            (
+                Cause::PublicUnrecorded("/keys/a.pem.pub".into()),
+                "public-key",
+                Permanent,
+            ),
+            (
+                Cause::PublicRotated("/keys/a.pem.pub".into()),
+                "public-key",
+                Permanent,
+            ),
+        ];
+        for (cause, label, class) in cases {
+            assert_eq!(
+                (cause.label().as_ref(), cause.class()),
+                (label, class),
+                "{cause:?}"
+            );
+            assert_eq!(cause.record(), format!("{label}: {cause}"));
+            assert_eq!(cause.is_conflict(), label == "conflict", "{cause:?}");
+        }
+    }
+
+    #[test]
+    fn the_one_line_error_names_the_label_once() {
+        let conflict = Cause::Conflict {
+            path: "/keys/a.pem".into(),
+            reason: ConflictReason::Symlink,
+        };
+        assert!(
+            conflict
+                .one_line()
+                .starts_with("conflict: /keys/a.pem: a symlink is there")
+        );
+        let kps = Cause::Export(ExportError::Kps(KpsError::from_response(
+            "export",
+            400,
+            br#"{"error_code":"KPS.6004","error_msg":"gone"}"#,
+            None,
+        )));
+        assert!(
+            kps.one_line().starts_with("KPS export failed: KPS.6004"),
+            "{}",
+            kps.one_line()
+        );
+    }
+}
