@@ -531,6 +531,30 @@ struct CheckRow {
     standing: Standing,
 }
 
+impl CheckRow {
+    /// How `key` stands in the listing.
+    fn judge(key: &crate::manifest::KeySpec, listed: &crate::kps::Listing) -> CheckRow {
+        let info = listed.get(&key.name);
+        let present = info.is_some();
+        let hosted = info.is_some_and(|i| i.is_key_protection);
+        let frozen = info.is_some_and(|i| i.is_frozen());
+        let standing = match (present, hosted, frozen) {
+            (false, _, _) => Standing::Missing,
+            (true, false, _) => Standing::NotHosted,
+            (true, true, true) => Standing::Frozen,
+            (true, true, false) => Standing::Ready,
+        };
+        CheckRow {
+            key: key.name.clone(),
+            path: key.path.clone(),
+            present,
+            hosted,
+            frozen,
+            standing,
+        }
+    }
+}
+
 /// `kps-sync check`: the online preflight. One listing proves the credentials, the project and
 /// the permission to list; each manifest key is then judged from it. Exports nothing, writes
 /// nothing (not even the state or the metrics). Exit 0 when every key could be exported, 1
@@ -562,26 +586,7 @@ pub async fn check(manifest_path: &Path, json: bool) -> u8 {
     let rows: Vec<CheckRow> = manifest
         .keys
         .iter()
-        .map(|k| {
-            let info = listed.get(&k.name);
-            let present = info.is_some();
-            let hosted = info.is_some_and(|i| i.is_key_protection);
-            let frozen = info.is_some_and(|i| i.is_frozen());
-            let standing = match (present, hosted, frozen) {
-                (false, _, _) => Standing::Missing,
-                (true, false, _) => Standing::NotHosted,
-                (true, true, true) => Standing::Frozen,
-                (true, true, false) => Standing::Ready,
-            };
-            CheckRow {
-                key: k.name.clone(),
-                path: k.path.clone(),
-                present,
-                hosted,
-                frozen,
-                standing,
-            }
-        })
+        .map(|k| CheckRow::judge(k, &listed))
         .collect();
     let ready = rows
         .iter()

@@ -3,8 +3,11 @@
 //! (the adoption candidates). From it come the plan, with or without a listing, and the reason
 //! the pass must list KPS, if any.
 //!
-//! Invariants: reads only, calls nothing, reads no credential; a candidate file is read at most
-//! [`MAX_CANDIDATE`] bytes, only if it is still the file observed, and the bytes are wiped.
+//! Invariants: reads only, calls nothing, reads no credential, and runs on a blocking thread
+//! (the state file, the journal, a stat and maybe a hash per destination); a candidate file is
+//! read at most [`MAX_CANDIDATE`] bytes, only if it is still the file observed, and the bytes
+//! are wiped.
+
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -35,92 +38,26 @@ pub struct Observation {
 const MAX_CANDIDATE: u64 = 64 << 10;
 
 impl Observation {
-    /// Read the state and look at every destination. Reads no credential, calls nothing.
+    /// Read the state and look at every destination, on a blocking thread. Reads no
+    /// credential, calls nothing.
     pub async fn read(manifest: &Manifest) -> Result<Observation, StateError> {
-        let mut state = State::load(&manifest.settings.state_dir)?;
-        // Files published just before a crash, not yet in the state: ours (see state::journal).
-        state::journal::fold(&mut state, &manifest.settings.state_dir);
         let desired: Vec<Desired> = manifest.keys.iter().map(Desired::from).collect();
-        // Plain keys recorded by an older version, without the fingerprint rotation needs:
-        // read it from the file, once, while the file is still the one kps-sync wrote.
-        let unfingerprinted: Vec<(String, PathBuf, String)> = desired
+        let state_dir = manifest.settings.state_dir.clone();
+        super::blocking(move || Observation::read_now(&state_dir, desired)).await
+    }
+
+    fn read_now(state_dir: &Path, desired: Vec<Desired>) -> Result<Observation, StateError> {
+        let mut state = State::load(state_dir)?;
+        // Files published just before a crash, not yet in the state: ours (see state::journal).
+        state::journal::fold(&mut state, state_dir);
+        let paths: HashSet<&Path> = desired
             .iter()
-            .filter(|d| d.recipients.is_none())
-            .filter_map(|d| {
-                let rec = state.files.get(&d.name)?;
-                (rec.path == d.path && rec.fingerprint.is_none() && rec.recipients.is_none())
-                    .then(|| (d.name.clone(), d.path.clone(), rec.sha256.clone()))
-            })
+            .flat_map(|d| std::iter::once(d.path.as_path()).chain(d.public_key.as_deref()))
+            .chain(state.files.values().map(|r| r.path.as_path()))
             .collect();
-        let paths: HashSet<PathBuf> = desired
-            .iter()
-            .flat_map(|d| std::iter::once(d.path.clone()).chain(d.public_key.clone()))
-            .chain(state.files.values().map(|r| r.path.clone()))
-            .collect();
-        // Public key files with no record of ours.
-        let public_candidates: Vec<PathBuf> = desired
-            .iter()
-            .filter_map(|d| {
-                let path = d.public_key.as_ref()?;
-                let recorded = state
-                    .files
-                    .get(&d.name)
-                    .and_then(|r| r.public_key.as_ref())
-                    .is_some_and(|p| &p.path == path);
-                (!recorded).then(|| path.clone())
-            })
-            .collect();
-        // Plain destinations with no record of ours for the key: a file there may be a copy of
-        // the listed key, placed by hand or by another tool.
-        let candidates: Vec<PathBuf> = desired
-            .iter()
-            .filter(|d| d.recipients.is_none())
-            .filter(|d| state.files.get(&d.name).is_none_or(|r| r.path != d.path))
-            .map(|d| d.path.clone())
-            .collect();
-        let known = state.known();
-        let ours: HashSet<(PathBuf, String)> = state
-            .files
-            .values()
-            .map(|r| (r.path.clone(), r.sha256.clone()))
-            .collect();
-        let (observed, fresh, found, key_candidates, backfill) =
-            tokio::task::spawn_blocking(move || {
-                let (observed, fresh) =
-                    observe::observe_all(paths.iter().map(PathBuf::as_path), &known);
-                let backfill: Vec<(String, String)> = unfingerprinted
-                    .into_iter()
-                    .filter_map(|(name, path, sha256)| match observed.get(&path) {
-                        Some(Observed::Regular(f)) if f.sha256 == sha256 => {
-                            Some((name, held_key(&path, &sha256)?))
-                        }
-                        _ => None,
-                    })
-                    .collect();
-                let mut found: HashMap<PathBuf, String> = candidates
-                    .into_iter()
-                    .filter_map(|path| match observed.get(&path) {
-                        Some(Observed::Regular(f))
-                            if !ours.contains(&(path.clone(), f.sha256.clone())) =>
-                        {
-                            let fp = held_key(&path, &f.sha256)?;
-                            Some((path, fp))
-                        }
-                        _ => None,
-                    })
-                    .collect();
-                let key_candidates = !found.is_empty();
-                for path in public_candidates {
-                    if let Some(Observed::Regular(f)) = observed.get(&path)
-                        && let Some(fp) = held_public_key(&path, &f.sha256)
-                    {
-                        found.insert(path, fp);
-                    }
-                }
-                (observed, fresh, found, key_candidates, backfill)
-            })
-            .await
-            .expect("observe does not panic");
+        let (observed, fresh) = observe::observe_all(paths, &state.known());
+        let backfill = fingerprints_to_backfill(&desired, &state, &observed);
+        let (found, key_candidates) = adoption_candidates(&desired, &state, &observed);
         state.remember(&observed, &fresh);
         for (name, fingerprint) in backfill {
             if let Some(rec) = state.files.get_mut(&name) {
@@ -192,6 +129,80 @@ impl Observation {
         }
         None
     }
+}
+
+/// Plain keys recorded by an older version, without the fingerprint rotation needs: read it
+/// from the file, once, while the file is still the one kps-sync wrote. Key name ->
+/// fingerprint.
+fn fingerprints_to_backfill(
+    desired: &[Desired],
+    state: &State,
+    observed: &ObservedFiles,
+) -> Vec<(String, String)> {
+    desired
+        .iter()
+        .filter(|d| d.recipients.is_none())
+        .filter_map(|d| {
+            let rec = state.files.get(&d.name)?;
+            if rec.path != d.path || rec.fingerprint.is_some() || rec.recipients.is_some() {
+                return None;
+            }
+            match observed.get(&d.path) {
+                Some(Observed::Regular(f)) if f.sha256 == rec.sha256 => {
+                    Some((d.name.clone(), held_key(&d.path, &rec.sha256)?))
+                }
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// The key held by each file kps-sync did not write where a key or its public key belongs
+/// (path -> `SHA256:` fingerprint), and whether a key file is among them.
+fn adoption_candidates(
+    desired: &[Desired],
+    state: &State,
+    observed: &ObservedFiles,
+) -> (HashMap<PathBuf, String>, bool) {
+    let ours: HashSet<(&Path, &str)> = state
+        .files
+        .values()
+        .map(|r| (r.path.as_path(), r.sha256.as_str()))
+        .collect();
+    // Plain destinations with no record of ours for the key: a file there may be a copy of
+    // the listed key, placed by hand or by another tool.
+    let mut found: HashMap<PathBuf, String> = desired
+        .iter()
+        .filter(|d| d.recipients.is_none())
+        .filter(|d| state.files.get(&d.name).is_none_or(|r| r.path != d.path))
+        .filter_map(|d| match observed.get(&d.path) {
+            Some(Observed::Regular(f))
+                if !ours.contains(&(d.path.as_path(), f.sha256.as_str())) =>
+            {
+                Some((d.path.clone(), held_key(&d.path, &f.sha256)?))
+            }
+            _ => None,
+        })
+        .collect();
+    let key_candidates = !found.is_empty();
+    // Public key files with no record of ours.
+    for d in desired {
+        let Some(path) = &d.public_key else {
+            continue;
+        };
+        let recorded = state
+            .files
+            .get(&d.name)
+            .and_then(|r| r.public_key.as_ref())
+            .is_some_and(|p| &p.path == path);
+        if !recorded
+            && let Some(Observed::Regular(f)) = observed.get(path)
+            && let Some(fp) = held_public_key(path, &f.sha256)
+        {
+            found.insert(path.clone(), fp);
+        }
+    }
+    (found, key_candidates)
 }
 
 /// The `SHA256:` fingerprint of the private key in `path`, if it is one and still the file
