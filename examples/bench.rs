@@ -238,7 +238,7 @@ fn ten_thousand(fake: &fake_kps::FakeKps, bin: &Path, summary: &mut Summary) {
         .enable_all()
         .build()
         .unwrap();
-    let client = kps_sync::commands::client_for(&manifest).unwrap();
+    let client = kps_sync::cli::commands::client_for(&manifest).unwrap();
     let pass = Spread::of(
         (0..RUNS)
             .map(|_| {

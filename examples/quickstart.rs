@@ -5,11 +5,11 @@ use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use kps_sync::commands;
+use kps_sync::cli::commands;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    kps_sync::logging::init(false, None, "warn");
+    kps_sync::cli::logging::init(false, None, "warn");
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let work = root.join("target/quickstart");
     let _ = std::fs::remove_dir_all(&work);

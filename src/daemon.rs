@@ -35,6 +35,8 @@
 
 mod schedule;
 mod status;
+pub mod systemd;
+pub mod watcher;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -55,9 +57,9 @@ use crate::manifest::{self, KeySpec, Manifest, ManifestError, Settings};
 use crate::observe::{self, Observed};
 use crate::plan::Change;
 use crate::reconcile::{self, Cause, FailureClass, PassError, PassOptions, PassReport};
-use crate::sdnotify::{self, Notifier};
 use crate::state::{self, State, StateError};
-use crate::watch::{Targets, Wake, Watcher};
+use systemd::Notifier;
+use watcher::{Targets, Wake, Watcher};
 
 pub use schedule::{Backoff, Debouncer, FIRST_RETRY, JITTER};
 use schedule::{Schedule, sleep_until};
@@ -381,7 +383,7 @@ impl Daemon {
     }
 
     async fn serve(&mut self) {
-        self.notify(&sdnotify::status("first pass running"));
+        self.notify(&systemd::status("first pass running"));
         self.start_pass();
         loop {
             let event = self.next_event().await;
@@ -427,14 +429,14 @@ impl Daemon {
                 }
                 return ControlFlow::Break(());
             }
-            Event::Watchdog => self.notify(sdnotify::WATCHDOG),
+            Event::Watchdog => self.notify(systemd::WATCHDOG),
         }
         ControlFlow::Continue(())
     }
 
     fn on_shutdown(&mut self) -> ControlFlow<()> {
         tracing::info!("stopping: finishing the file being written, starting nothing new");
-        self.notify(sdnotify::STOPPING);
+        self.notify(systemd::STOPPING);
         self.stop_pass.cancel();
         if self.running.is_none() {
             return ControlFlow::Break(());
@@ -501,12 +503,12 @@ impl Daemon {
         self.passes_done += 1;
         let verdict = self.after_pass(joined);
         self.schedule_retry(verdict);
-        let status = sdnotify::status(&self.status_text());
+        let status = systemd::status(&self.status_text());
         if self.ready {
             self.notify(&status);
         } else {
             self.ready = true;
-            self.notify(&sdnotify::join(&[sdnotify::READY, &status]));
+            self.notify(&systemd::join(&[systemd::READY, &status]));
         }
         self.rewatch();
         if std::mem::take(&mut self.schedule.reload) {
@@ -700,7 +702,7 @@ impl Daemon {
     fn targets(&self) -> Targets {
         Targets::new(
             &self.manifest_path,
-            crate::watch::resolution_chain(&self.manifest_path)
+            watcher::resolution_chain(&self.manifest_path)
                 .into_iter()
                 .chain([self.manifest.path.clone()]),
             self.manifest.keys.iter().map(|k| k.path.clone()),
@@ -737,7 +739,7 @@ impl Daemon {
         if let Err(e) = loaded.and_then(|l| self.put_in_force(l)) {
             self.manifest_rejected = true;
             tracing::error!("manifest edit ignored, the last good manifest stays in force: {e}");
-            self.notify(&sdnotify::status(&self.status_text()));
+            self.notify(&systemd::status(&self.status_text()));
             return false;
         }
         self.manifest_rejected = false;

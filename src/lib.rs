@@ -9,12 +9,11 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
-pub mod commands;
+pub mod cli;
 pub mod daemon;
 pub mod hooks;
 pub mod keys;
 pub mod kps;
-pub mod logging;
 pub mod manifest;
 pub mod metrics;
 pub mod observe;
@@ -22,8 +21,6 @@ pub mod output;
 pub mod plan;
 pub mod progress;
 pub mod reconcile;
-pub mod sdnotify;
 pub mod secret;
 pub mod state;
 pub mod trust;
-pub mod watch;

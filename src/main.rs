@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
-use kps_sync::commands;
+use kps_sync::cli::commands;
 
 /// Keep SSH private keys from Huawei Cloud KPS on this host, exactly where a manifest says.
 #[derive(Parser)]
@@ -111,7 +111,7 @@ fn main() -> ExitCode {
     } else {
         "warn"
     };
-    kps_sync::logging::init(
+    kps_sync::cli::logging::init(
         matches!(cli.log_format, LogFormat::Json),
         cli.log_level.as_deref(),
         default_level,

@@ -555,7 +555,7 @@ fn polling_mode_sees_drift_and_manifest_edits() {
     wait_in_place(&sb, &["a"]);
     d.wait_log("watch=\"poll\"");
     // Polling takes what a pass leaves as its new baseline, so delete only once the pass is
-    // over: a deletion during the pass is left to the interval pass (see watch.rs).
+    // over: a deletion during the pass is left to the interval pass (see daemon/watcher.rs).
     d.wait_log("pass done");
     std::fs::remove_file(sb.path("out/a.pem")).unwrap();
     wait_in_place(&sb, &["a"]);

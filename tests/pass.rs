@@ -51,7 +51,7 @@ impl Setup {
         let path = self.path("manifest.yaml");
         std::fs::write(&path, text).unwrap();
         let manifest = kps_sync::manifest::load(&path).unwrap();
-        let client = kps_sync::commands::client_for(&manifest).unwrap();
+        let client = kps_sync::cli::commands::client_for(&manifest).unwrap();
         (manifest, client)
     }
 

@@ -4,7 +4,7 @@
 //! ever be created, changed, chowned or removed.
 //!
 //! The root-owned folder holds a file with the very name and bytes of the key, so only the
-//! descriptor walk in `src/write.rs` stands between a pass and it: the planner, which looks by
+//! descriptor walk in `src/output/write.rs` stands between a pass and it: the planner, which looks by
 //! path, does see it through the symlink, and a writer that went by path would chown, chmod or
 //! delete it.
 //!
@@ -213,7 +213,7 @@ fn race() {
     let with_0600 = manifest("m-0600.yaml", Some("0600"));
     let with_0400 = manifest("m-0400.yaml", Some("0400"));
     let without = manifest("m-none.yaml", None);
-    let client = kps_sync::commands::client_for(&with_0600).unwrap();
+    let client = kps_sync::cli::commands::client_for(&with_0600).unwrap();
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -11,13 +11,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Auth;
+use crate::daemon::systemd::{self, Notifier};
 use crate::daemon::{self, DaemonConfig};
 use crate::kps::connect::{self, SetupError, trusted_credentials};
 use crate::kps::{KpsClient, RetryPolicy};
 use crate::manifest::{self, Manifest};
 use crate::plan::{Change, PublicChange};
 use crate::reconcile::{self, PassOptions, PassReport};
-use crate::sdnotify::{self, Notifier};
 use crate::state;
 
 pub const EXIT_OK: u8 = 0;
@@ -92,7 +92,7 @@ pub async fn run(manifest_path: &Path) -> u8 {
     let config = DaemonConfig {
         lock_wait: LOCK_WAIT,
         notifier: Notifier::from_env(),
-        watchdog: sdnotify::watchdog_interval_from_env(),
+        watchdog: systemd::watchdog_interval_from_env(),
         ..DaemonConfig::new(manifest_path)
     };
     match daemon::run(config, shutdown, reload).await {
