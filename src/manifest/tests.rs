@@ -1174,3 +1174,25 @@ fn a_line_break_only_yaml_sees_is_refused_where_an_editor_shows_it() {
     let crlf = "version: 1\r\nkps:\r\n  region: nowhere-1\r\n";
     assert!(problems(crlf).iter().all(|p| !p.contains("line break")));
 }
+
+/// Found while writing the manifest fuzz target: an `age_recipients_file` that is a FIFO (or a terminal such
+/// as /dev/console) blocked the load forever, and a device could be read without end.
+#[test]
+fn a_recipients_file_that_is_not_a_regular_file_is_refused_without_reading_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("recipients");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let text = with_head(&format!(
+        "keys:\n  a:\n    path: /k/a\n    age_recipients_file: {}\n",
+        fifo.display()
+    ));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(problems(&text));
+    });
+    let found = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the load returns instead of waiting for a writer");
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert!(found[0].contains("not a regular file"), "{found:#?}");
+}

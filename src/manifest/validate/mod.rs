@@ -650,8 +650,14 @@ impl Checker<'_> {
 
     fn read_recipients(&mut self, file: &Path, at: Vec<Seg>) -> Option<Vec<Recipient>> {
         let shown = file.display();
+        // Only a regular file: reading a FIFO or a terminal blocks the load forever, and a
+        // device may never end (found while writing the loader's fuzz target).
         let text = std::fs::metadata(file).and_then(|m| {
-            if m.len() > MAX_RECIPIENTS_FILE {
+            if !m.is_file() {
+                Err(std::io::Error::other(
+                    "it is not a regular file (a device, FIFO or socket)",
+                ))
+            } else if m.len() > MAX_RECIPIENTS_FILE {
                 Err(std::io::Error::other(format!(
                     "it is {} bytes, more than a recipients file should be",
                     m.len()
