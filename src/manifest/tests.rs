@@ -1175,8 +1175,9 @@ fn a_line_break_only_yaml_sees_is_refused_where_an_editor_shows_it() {
     assert!(problems(crlf).iter().all(|p| !p.contains("line break")));
 }
 
-/// Found while writing the manifest fuzz target: an `age_recipients_file` that is a FIFO (or a terminal such
-/// as /dev/console) blocked the load forever, and a device could be read without end.
+/// Found while writing the manifest fuzz target: an `age_recipients_file` that is a FIFO (or a
+/// terminal such as /dev/console) blocked the load forever, and a device could be read without
+/// end.
 #[test]
 fn a_recipients_file_that_is_not_a_regular_file_is_refused_without_reading_it() {
     let dir = tempfile::tempdir().unwrap();
