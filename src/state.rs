@@ -213,18 +213,31 @@ impl State {
 
     /// Save atomically, mode 0600, creating `state_dir` 0700 if needed.
     pub fn save(&mut self, state_dir: &Path) -> Result<(), StateError> {
-        // Compact: a tenth smaller than pretty-printed, so quicker to read on every pass.
-        let bytes = serde_json::to_vec(self).expect("state serializes");
-        write::write_atomic(
-            &state_dir.join(STATE_FILE),
-            &bytes,
-            FileMeta::PRIVATE,
-            Prior::Anything,
-        )?;
+        let bytes = self.to_bytes();
+        State::save_bytes(&bytes, state_dir)?;
         self.baseline = Baseline {
             digest: Some(digest(&bytes)),
             pass: self.last_pass.clone(),
         };
+        Ok(())
+    }
+
+    /// The bytes of `state.json`: compact JSON (a tenth smaller than pretty-printed, so
+    /// quicker to read on every pass), in a buffer sized for them up front.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(self.files.len() * 400 + 4096);
+        serde_json::to_writer(&mut bytes, self).expect("state serializes");
+        bytes
+    }
+
+    /// Write `bytes` (from [`State::to_bytes`]) as the state file.
+    pub fn save_bytes(bytes: &[u8], state_dir: &Path) -> Result<(), StateError> {
+        write::write_atomic(
+            &state_dir.join(STATE_FILE),
+            bytes,
+            FileMeta::PRIVATE,
+            Prior::Anything,
+        )?;
         Ok(())
     }
 

@@ -248,9 +248,11 @@ async fn sweep_temps(manifest: &Manifest) {
 }
 
 /// Save the state (a copy of it, on a blocking thread).
+/// Serialized here rather than cloned: a copy of a 10,000-record state costs more memory than
+/// its bytes, which the save needs anyway.
 async fn save(state: &State, state_dir: &Path) -> Result<(), StateError> {
-    let (mut state, state_dir) = (state.clone(), state_dir.to_path_buf());
-    blocking(move || state.save(&state_dir)).await
+    let (bytes, state_dir) = (state.to_bytes(), state_dir.to_path_buf());
+    blocking(move || State::save_bytes(&bytes, &state_dir)).await
 }
 
 /// Save the state at the end of the pass if anything in it changed (see `State::end_pass`).

@@ -90,6 +90,9 @@ impl Planned {
 
     /// Record what became of another file of the key (its public key file).
     pub fn report_at(&mut self, path: PathBuf, result: Result<(), Cause>) {
+        // Most keys get one outcome: a push's default growth (room for four) would triple the
+        // memory the outcomes of a 10,000-key pass hold.
+        self.outcomes.reserve_exact(1);
         self.outcomes.push(Outcome {
             key: self.action.key.clone(),
             path,
@@ -103,6 +106,7 @@ impl Planned {
         let Some(old) = &self.moved_from else {
             return;
         };
+        self.outcomes.reserve_exact(1);
         self.outcomes.push(Outcome {
             key: old.key.clone(),
             path: old.path.clone(),
