@@ -29,8 +29,6 @@ use prometheus_client::registry::{Registry, Unit};
 use crate::manifest::Manifest;
 use crate::output::meta::FileMeta;
 use crate::output::write::{self, Prior};
-use crate::plan::Change;
-use crate::reconcile::PassReport;
 
 /// node_exporter runs as its own user and must be able to read the file; it holds no secret.
 const METRICS_FILE_MODE: u32 = 0o644;
@@ -71,6 +69,26 @@ struct OutcomeLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
+}
+
+/// What a pass did, counted for the metrics (the pass's report computes it; this module knows
+/// nothing of the pass).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PassFigures {
+    /// Every managed key in place and every hook ran.
+    pub success: bool,
+    /// Managed keys by state at the end of the pass.
+    pub in_place: usize,
+    pub failed: usize,
+    /// Not attempted (the pass stopped early, or could not list).
+    pub pending: usize,
+    pub conflict: usize,
+    /// Files put back after someone else deleted or altered them.
+    pub restores: u64,
+    /// Files whose mode, owner or group was put back.
+    pub fix_meta: u64,
+    /// Keys rewritten because KPS lists a new key pair under their name.
+    pub rotations: u64,
 }
 
 /// Every metric kps-sync exports.
@@ -254,60 +272,37 @@ impl Metrics {
         self.hooks.get_or_create(&OutcomeLabel { outcome }).inc();
     }
 
-    /// Record a pass: its report (`None` when the pass as a whole failed) and its duration.
-    pub fn record_pass(&self, report: Option<&PassReport>, took: Duration) {
+    /// Record a pass: its figures (`None` when the pass as a whole failed) and its duration.
+    pub fn record_pass(&self, figures: Option<&PassFigures>, took: Duration) {
         let now = unix_now();
         self.pass_duration.observe(took.as_secs_f64());
         self.last_pass.set(now);
-        let Some(report) = report else {
+        let Some(f) = figures else {
             self.passes
                 .get_or_create(&OutcomeLabel { outcome: "error" })
                 .inc();
             return;
         };
-        let outcome = if report.is_success() {
+        let outcome = if f.success {
             self.last_success.set(now);
             "success"
         } else {
             "failed"
         };
         self.passes.get_or_create(&OutcomeLabel { outcome }).inc();
-        let managed_failures = report
-            .outcomes
-            .iter()
-            .filter(|o| o.change != Change::Prune && o.change != Change::Orphan)
-            .filter_map(|o| o.result.as_ref().err());
-        let (mut conflict, mut failed) = (0, 0);
-        for f in managed_failures {
-            if f.is_conflict() {
-                conflict += 1;
-            } else {
-                failed += 1;
-            }
-        }
-        let pending = report.failed.saturating_sub(conflict + failed);
         for (state, n) in [
-            ("in_place", report.in_place),
-            ("failed", failed),
-            ("pending", pending),
-            ("conflict", conflict),
+            ("in_place", f.in_place),
+            ("failed", f.failed),
+            ("pending", f.pending),
+            ("conflict", f.conflict),
         ] {
-            self.keys.get_or_create(&StateLabel { state }).set(n as i64);
+            let n = i64::try_from(n).unwrap_or(i64::MAX);
+            self.keys.get_or_create(&StateLabel { state }).set(n);
         }
-        for o in report.outcomes.iter().filter(|o| o.result.is_ok()) {
-            match &o.change {
-                Change::Restore(_) => self
-                    .drift
-                    .get_or_create(&KindLabel { kind: "restore" })
-                    .inc(),
-                Change::FixMeta => self
-                    .drift
-                    .get_or_create(&KindLabel { kind: "fix_meta" })
-                    .inc(),
-                Change::Rotate => self.rotations.inc(),
-                _ => 0,
-            };
+        for (kind, n) in [("restore", f.restores), ("fix_meta", f.fix_meta)] {
+            self.drift.get_or_create(&KindLabel { kind }).inc_by(n);
         }
+        self.rotations.inc_by(f.rotations);
     }
 
     /// Before the first pass of a one-shot run: carry the last success over from the file the
@@ -343,12 +338,12 @@ impl Metrics {
 }
 
 /// After every pass, in both modes: record it, then write `settings.metrics_file` if set.
-pub fn after_pass(manifest: &Manifest, report: Option<&PassReport>, took: Duration) {
+pub fn after_pass(manifest: &Manifest, figures: Option<&PassFigures>, took: Duration) {
     let metrics = global();
     if let Some(path) = &manifest.settings.metrics_file {
         metrics.resumed.call_once(|| metrics.resume_from_file(path));
     }
-    metrics.record_pass(report, took);
+    metrics.record_pass(figures, took);
     if let Some(path) = &manifest.settings.metrics_file {
         metrics.write_file(path);
     }

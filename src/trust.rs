@@ -24,9 +24,7 @@ use std::ffi::OsString;
 use std::fmt;
 use std::io;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-
-use crate::output::write::names;
+use std::path::{Component, Path, PathBuf};
 
 /// Linux's own limit on symlinks in one lookup.
 const MAX_SYMLINKS: usize = 40;
@@ -314,6 +312,17 @@ fn facts_of(path: &Path) -> io::Result<Facts> {
         uid: m.uid(),
         mode: m.mode() & 0o7777,
     })
+}
+
+/// The components of `path` to walk: names and `..`; `/` and `.` dropped.
+pub(crate) fn names(path: &Path) -> VecDeque<OsString> {
+    path.components()
+        .filter_map(|c| match c {
+            Component::Normal(name) => Some(name.to_owned()),
+            Component::ParentDir => Some(OsString::from("..")),
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => None,
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -54,6 +54,7 @@ use rustix::io::Errno;
 
 use crate::observe::{self, Observed};
 use crate::output::meta::FileMeta;
+use crate::trust::names;
 
 /// Linux's own limit on symlinks in one lookup.
 const MAX_SYMLINKS: usize = 40;
@@ -462,17 +463,6 @@ fn make_folder(
         set_new_folder(&fd, path, meta).map_err(Reach::Failed)?;
     }
     Ok(fd)
-}
-
-/// The components of `path` to walk: names and `..`; `/` and `.` dropped.
-pub(crate) fn names(path: &Path) -> VecDeque<OsString> {
-    path.components()
-        .filter_map(|c| match c {
-            Component::Normal(name) => Some(name.to_owned()),
-            Component::ParentDir => Some(OsString::from("..")),
-            Component::RootDir | Component::CurDir | Component::Prefix(_) => None,
-        })
-        .collect()
 }
 
 /// A folder this walk just created: exactly 0700 (the umask may have narrowed it), and the

@@ -120,7 +120,8 @@ pub async fn reconcile_once(
 ) -> Result<PassReport, PassError> {
     let started = Instant::now();
     let result = pass(manifest, client, options).await;
-    crate::metrics::after_pass(manifest, result.as_ref().ok(), started.elapsed());
+    let figures = result.as_ref().ok().map(PassReport::figures);
+    crate::metrics::after_pass(manifest, figures.as_ref(), started.elapsed());
     result
 }
 

@@ -13,6 +13,7 @@ use crate::hooks::HookError;
 use crate::keys::KeyError;
 use crate::kps::KpsError;
 use crate::kps::export::{ExportError, FallbackReason};
+use crate::metrics::PassFigures;
 use crate::output::encrypt::EncryptError;
 use crate::output::write::WriteError;
 use crate::plan::{Change, ConflictReason};
@@ -202,6 +203,37 @@ impl PassReport {
             && self.hook_failures.is_empty()
             && !self.interrupted
             && self.listing_error.is_none()
+    }
+
+    /// The pass counted for the metrics: managed keys by state, and the drift it repaired.
+    pub fn figures(&self) -> PassFigures {
+        let mut f = PassFigures {
+            success: self.is_success(),
+            in_place: self.in_place,
+            ..PassFigures::default()
+        };
+        let managed_failures = self
+            .outcomes
+            .iter()
+            .filter(|o| o.change != Change::Prune && o.change != Change::Orphan)
+            .filter_map(|o| o.result.as_ref().err());
+        for cause in managed_failures {
+            if cause.is_conflict() {
+                f.conflict += 1;
+            } else {
+                f.failed += 1;
+            }
+        }
+        f.pending = self.failed.saturating_sub(f.conflict + f.failed);
+        for o in self.outcomes.iter().filter(|o| o.result.is_ok()) {
+            match &o.change {
+                Change::Restore(_) => f.restores += 1,
+                Change::FixMeta => f.fix_meta += 1,
+                Change::Rotate => f.rotations += 1,
+                _ => {}
+            }
+        }
+        f
     }
 }
 
