@@ -22,9 +22,9 @@ use std::io::Write;
 use std::sync::LazyLock;
 
 use arbitrary::{Arbitrary, Unstructured};
-use kps_sync::kps::archive::{Limits, Listing, unpack};
 use kps_sync::keys::{PrivateKey, PublicKey};
 use kps_sync::kps::KeypairInfo;
+use kps_sync::kps::archive::{Limits, Listing, unpack};
 use kps_sync_fuzz::one_log_line;
 use libfuzzer_sys::fuzz_target;
 use zip::CompressionMethod;

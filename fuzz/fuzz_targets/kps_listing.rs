@@ -11,6 +11,22 @@ use std::collections::HashSet;
 
 use kps_sync::kps::Pages;
 use libfuzzer_sys::fuzz_target;
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct NamesOnly {
+    keypairs: Vec<Item>,
+}
+
+#[derive(Deserialize)]
+struct Item {
+    keypair: Name,
+}
+
+#[derive(Deserialize)]
+struct Name {
+    name: String,
+}
 
 fuzz_target!(|data: &[u8]| {
     let mut pages = Pages::default();
@@ -20,10 +36,10 @@ fuzz_target!(|data: &[u8]| {
     for body in data.split(|&b| b == 0xFF) {
         match pages.take(body) {
             Ok(next) => {
-                let page: serde_json::Value = serde_json::from_slice(body).expect("it parsed");
-                for item in page["keypairs"].as_array().expect("a page has keypairs") {
-                    names.push(item["keypair"]["name"].as_str().expect("named").to_owned());
-                }
+                // Read back the names only: the fields Pages skips are not checked by serde
+                // (their UTF-8, their numbers' range), so they are skipped here too.
+                let page: NamesOnly = serde_json::from_slice(body).expect("it parsed");
+                names.extend(page.keypairs.into_iter().map(|i| i.keypair.name));
                 match next {
                     Some(marker) => assert!(asked.insert(marker), "a marker asked for twice"),
                     None => {
