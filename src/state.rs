@@ -153,12 +153,34 @@ pub enum StateError {
     },
     #[error("cannot write the state file: {0}")]
     Write(#[from] WriteError),
+    /// The state says which files kps-sync owns, and so may rewrite or prune: only root (or
+    /// the user kps-sync runs as) may be able to change it.
+    #[error(
+        "{path}: the state file is owned by uid {uid} with mode {mode:04o}; only root or the user kps-sync runs as may own it, and no one else may write it: fix it with `chown root: {path} && chmod 600 {path}` after checking its content"
+    )]
+    Untrusted { path: PathBuf, uid: u32, mode: u32 },
     #[error("{path}: cannot open the lock file: {source}; check state_dir's permissions")]
     LockOpen { path: PathBuf, source: io::Error },
     #[error(
         "{path}: another kps-sync holds the lock (a daemon or a reconcile on the same state_dir); waited {waited:?}. Let it finish, or stop the daemon first"
     )]
     Locked { path: PathBuf, waited: Duration },
+}
+
+/// Refuse a state file someone other than root or us could have written. The state folder is
+/// already checked (0700-like, owned by root or us); this is the same rule for the file itself,
+/// since its records decide what a pass may rewrite and prune.
+fn untrusted(path: &Path, meta: &std::fs::Metadata) -> Result<(), StateError> {
+    use std::os::unix::fs::MetadataExt;
+    let ours = meta.uid() == 0 || meta.uid() == nix::unistd::geteuid().as_raw();
+    if ours && meta.mode() & 0o022 == 0 {
+        return Ok(());
+    }
+    Err(StateError::Untrusted {
+        path: path.to_owned(),
+        uid: meta.uid(),
+        mode: meta.mode() & 0o7777,
+    })
 }
 
 impl State {
@@ -174,7 +196,10 @@ impl State {
         let path = state_dir.join(STATE_FILE);
         // Read it the way the writer writes it: never through a symlink.
         let mut file = match observe::open_regular(&path) {
-            Ok((file, _)) => file,
+            Ok((file, meta)) => {
+                untrusted(&path, &meta)?;
+                file
+            }
             Err(Observed::Missing) => return Ok(State::new()),
             Err(found) => {
                 let why = match found {
@@ -410,6 +435,35 @@ pub fn now_rfc3339() -> String {
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn a_state_file_others_could_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("state");
+        State::new().save(&dir).unwrap();
+        let file = dir.join(STATE_FILE);
+        assert!(State::load(&dir).is_ok());
+        for mode in [0o620, 0o602, 0o666] {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+            let err = State::load(&dir).unwrap_err();
+            assert!(
+                matches!(err, StateError::Untrusted { .. }),
+                "{mode:o}: {err}"
+            );
+            assert!(err.to_string().contains("chmod 600"), "{err}");
+        }
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(
+            State::load(&dir).is_ok(),
+            "readable by others is not writable by them"
+        );
+        if nix::unistd::geteuid().is_root() {
+            std::os::unix::fs::chown(&file, Some(65534), None).unwrap();
+            let err = State::load(&dir).unwrap_err();
+            assert!(err.to_string().contains("uid 65534"), "{err}");
+        }
+    }
 
     #[test]
     fn round_trips_and_is_private() {
