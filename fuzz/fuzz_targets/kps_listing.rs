@@ -33,13 +33,19 @@ fuzz_target!(|data: &[u8]| {
     let mut asked = HashSet::new();
     let mut names = Vec::new();
     let mut complete = false;
+    let mut names_known = true;
     for body in data.split(|&b| b == 0xFF) {
         match pages.take(body) {
             Ok(next) => {
                 // Read back the names only: the fields Pages skips are not checked by serde
-                // (their UTF-8, their numbers' range), so they are skipped here too.
-                let page: NamesOnly = serde_json::from_slice(body).expect("it parsed");
-                names.extend(page.keypairs.into_iter().map(|i| i.keypair.name));
+                // (their UTF-8, their numbers' range), so they are skipped here too. serde_json
+                // also reads a struct from an array of its fields, and an item here has fewer
+                // fields than the listing's: where the two readings part, only the paging
+                // rules are checked.
+                match serde_json::from_slice::<NamesOnly>(body) {
+                    Ok(page) => names.extend(page.keypairs.into_iter().map(|i| i.keypair.name)),
+                    Err(_) => names_known = false,
+                }
                 match next {
                     Some(marker) => assert!(asked.insert(marker), "a marker asked for twice"),
                     None => {
@@ -58,6 +64,9 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let listing = pages.into_listing();
+    if !names_known {
+        return;
+    }
     for name in &names {
         assert!(
             listing.contains_key(name),

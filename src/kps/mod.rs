@@ -510,8 +510,13 @@ impl Pages {
         struct PageInfo {
             next_marker: Option<String>,
         }
+        // The documented answer is an object; serde would also read the page from an array of
+        // its fields, which no KPS sends.
+        let object = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
         let page: Page = serde_json::from_slice(body)
-            .map_err(|_| bad_answer("list", "the answer is not the documented JSON"))?;
+            .ok()
+            .filter(|_| object)
+            .ok_or_else(|| bad_answer("list", "the answer is not the documented JSON"))?;
         let count = page.keypairs.len();
         for item in page.keypairs {
             self.all.insert(item.keypair.name.clone(), item.keypair);
@@ -625,5 +630,8 @@ mod tests {
         assert!(err.message.contains("already read"), "{err}");
         assert_eq!(Pages::default().take(&page(&[], Some("y"))).unwrap(), None);
         assert!(Pages::default().take(b"<html>").is_err());
+        // serde_json reads a struct from an array of its fields; the listing does not.
+        let array = br#"[[{"keypair": {"name": "a"}}], {"next_marker": null}]"#;
+        assert!(Pages::default().take(array).is_err());
     }
 }
