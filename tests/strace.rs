@@ -95,3 +95,82 @@ fn every_file_and_folder_is_created_with_no_bits_beyond_the_manifest() {
         sb.fake.private_key("shared")
     );
 }
+
+/// A batch is made durable with one sync per thing that must be durable, not three per key:
+/// ten keys in one folder, exported in one batch, cost one `fdatasync` of the intent journal
+/// (all ten intents in one write), ten `fsync`s of the files (each file's bytes before its
+/// rename) and one `fsync` of their folder (after the ten renames).
+#[test]
+fn a_batch_of_ten_keys_in_one_folder_costs_one_journal_sync_ten_file_syncs_and_one_folder_sync() {
+    if !have_tool("strace", "strace") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let names: Vec<String> = (0..10).map(|i| format!("k{i}")).collect();
+    let mut keys = String::new();
+    for n in &names {
+        sb.fake.add_key(n);
+        keys.push_str(&format!("  {n}: out/{n}.pem\n"));
+    }
+    sb.manifest("", &keys);
+    let trace = sb.path("trace.txt");
+    let out = std::process::Command::new("strace")
+        .args(["-f", "-y", "-qq", "-e", "trace=fsync,fdatasync,write", "-o"])
+        .arg(&trace)
+        .arg(env!("CARGO_BIN_EXE_kps-sync"))
+        .args(["reconcile", "-m"])
+        .arg(sb.path("manifest.yaml"))
+        .current_dir(sb.dir.path())
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for n in &names {
+        assert_eq!(
+            std::fs::read_to_string(sb.path(&format!("out/{n}.pem"))).ok(),
+            sb.fake.private_key(n),
+            "{n} not in place"
+        );
+    }
+    let text = std::fs::read_to_string(&trace).unwrap();
+    // strace -y shows each descriptor's path as the kernel resolves it.
+    let real = |rel: &str| {
+        std::fs::canonicalize(sb.path(rel))
+            .unwrap()
+            .display()
+            .to_string()
+    };
+    let (folder, journal) = (real("out"), format!("{}/journal", real("state")));
+    let count = |call: &str, fd: &str| {
+        text.lines()
+            .filter(|l| l.contains(&format!(" {call}(")) && l.contains(fd))
+            .count()
+    };
+    let journal_fd = format!("<{journal}>)");
+    assert_eq!(
+        count("fdatasync", &journal_fd) + count("fsync", &journal_fd),
+        1,
+        "one journal sync for the batch:\n{text}"
+    );
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.contains(" write(") && l.contains(&format!("<{journal}>")))
+            .count(),
+        1,
+        "the batch's ten intents in one write:\n{text}"
+    );
+    assert_eq!(
+        count("fsync", &format!("<{folder}/.kps-sync-")),
+        10,
+        "one fsync per file:\n{text}"
+    );
+    assert_eq!(
+        count("fsync", &format!("<{folder}>)")) + count("fdatasync", &format!("<{folder}>)")),
+        1,
+        "one fsync of the folder for the batch:\n{text}"
+    );
+}

@@ -31,7 +31,9 @@
 //! - owner and group are set on the descriptor before any byte is written;
 //! - the target is replaced by `renameat` after `fsync` (`RENAME_NOREPLACE` when nothing was
 //!   there), then the folder is synced, so a crash leaves either the old file or the new one,
-//!   never a truncated one;
+//!   never a truncated one. [`publish`] stops before the folder's sync and hands back the
+//!   walked folder's descriptor, so that a batch of files syncs each folder once
+//!   ([`sync_folders`]); until then the rename is visible but may not survive a power loss;
 //! - a destination that is a symlink (or not a regular file) is refused, never followed;
 //!   `fix-meta` and `prune` act only on a regular file with one link that holds exactly the
 //!   bytes kps-sync wrote;
@@ -135,14 +137,73 @@ pub enum Prior<'a> {
     Sha256(&'a str),
 }
 
-/// Write `contents` to `path` atomically with `meta`. Missing parent folders are created 0700,
-/// the innermost with `meta`'s owner and group.
+/// Write `contents` to `path` atomically with `meta`, and make it durable. Missing parent
+/// folders are created 0700, the innermost with `meta`'s owner and group.
 pub fn write_atomic(
     path: &Path,
     contents: &[u8],
     meta: FileMeta,
     prior: Prior<'_>,
 ) -> Result<(), WriteError> {
+    publish(path, contents, meta, prior)?.sync()
+}
+
+/// A file renamed into place whose folder is not synced yet: the new file is there, whole (its
+/// bytes were synced before the rename), but after a power loss the folder may still show the
+/// old one. [`sync_folders`] makes a batch of them durable, one `fsync` per distinct folder.
+#[must_use = "the rename is not durable until its folder is synced"]
+pub struct Published {
+    /// The walked folder's descriptor: the one the rename went through.
+    folder: OwnedFd,
+    path: PathBuf,
+}
+
+impl Published {
+    /// Make this one rename durable.
+    pub fn sync(self) -> Result<(), WriteError> {
+        rfs::fsync(&self.folder).map_err(|e| self.folder_sync_failed(e))
+    }
+
+    fn folder_sync_failed(&self, e: Errno) -> WriteError {
+        WriteError::Io {
+            path: self.path.clone(),
+            op: "fsync of the folder",
+            source: e.into(),
+        }
+    }
+}
+
+/// Make every rename in `published` durable, syncing each distinct folder (by device and
+/// inode) once. Returns each file's result, in order: a folder whose sync failed fails every
+/// file renamed into it.
+pub fn sync_folders(published: Vec<Published>) -> Vec<Result<(), WriteError>> {
+    let mut synced: Vec<((u64, u64), Result<(), Errno>)> = Vec::new();
+    published
+        .into_iter()
+        .map(|p| {
+            let st = rfs::fstat(&p.folder).map_err(|e| p.folder_sync_failed(e))?;
+            let id = (st.st_dev, st.st_ino);
+            let result = match synced.iter().find(|(seen, _)| *seen == id) {
+                Some((_, result)) => *result,
+                None => {
+                    let result = rfs::fsync(&p.folder);
+                    synced.push((id, result));
+                    result
+                }
+            };
+            result.map_err(|e| p.folder_sync_failed(e))
+        })
+        .collect()
+}
+
+/// [`write_atomic`] up to the rename: everything but the folder's `fsync`, which the caller
+/// makes with [`Published::sync`] or [`sync_folders`].
+pub fn publish(
+    path: &Path,
+    contents: &[u8],
+    meta: FileMeta,
+    prior: Prior<'_>,
+) -> Result<Published, WriteError> {
     let (dir, name) = split(path)?;
     let folder = match open_folder(dir, Some(meta)) {
         Ok(folder) => folder,
@@ -173,6 +234,7 @@ pub fn write_atomic(
     // The umask may have narrowed the mode at creation; set it exactly, still before any byte.
     rfs::fchmod(&*file, Mode::from_raw_mode(mode)).map_err(|e| io_err("chmod")(e.into()))?;
     file.write_all(contents).map_err(io_err("write"))?;
+    // The bytes are durable before the name points at them.
     file.sync_all().map_err(io_err("fsync"))?;
     drop(temp.file.take());
 
@@ -192,7 +254,10 @@ pub fn write_atomic(
             temp.persist(name).map_err(io_err("rename"))?
         }
     };
-    rfs::fsync(&folder).map_err(|e| io_err("fsync of the folder")(e.into()))
+    Ok(Published {
+        folder,
+        path: path.to_owned(),
+    })
 }
 
 /// Is the destination still what the plan saw?
@@ -673,6 +738,32 @@ mod tests {
         assert_eq!(mode_of(&tmp.path().join("a/b")), 0o700);
         let leftovers: Vec<_> = fs::read_dir(tmp.path().join("a/b")).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "no temporary file left behind");
+    }
+
+    #[test]
+    fn a_batch_published_then_synced_reports_each_file_in_order() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b, c) = (
+            tmp.path().join("one/a"),
+            tmp.path().join("one/b"),
+            tmp.path().join("two/c"),
+        );
+        let published: Vec<Published> = [&a, &b, &c]
+            .iter()
+            .map(|p| write_atomic_unsynced(p, b"k"))
+            .collect();
+        // Visible at once, before any folder sync.
+        for p in [&a, &b, &c] {
+            assert_eq!(fs::read(p).unwrap(), b"k");
+        }
+        let results = sync_folders(published);
+        assert_eq!(results.len(), 3);
+        assert!(results.iter().all(Result::is_ok));
+        assert!(sync_folders(Vec::new()).is_empty());
+    }
+
+    fn write_atomic_unsynced(path: &Path, bytes: &[u8]) -> Published {
+        publish(path, bytes, FileMeta::PRIVATE, Prior::Absent).unwrap()
     }
 
     #[test]

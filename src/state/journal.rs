@@ -1,45 +1,62 @@
 //! The intent journal (`state_dir/journal`): what kps-sync is about to publish, made durable
-//! before the rename that publishes it, so a crash at any instant leaves nothing disowned.
+//! before the rename that publishes it, so a crash at any instant (a kill or a power loss)
+//! leaves nothing disowned.
 //!
 //! Without it, a file renamed into place just before a crash (SIGKILL, OOM, power loss) and
 //! before the next state save would be taken for someone else's on the next start and kept
 //! forever as a conflict.
 //!
 //! ## The ordering, and why it is enough
-//! For each key file, in this order:
-//! 1. [`record`]: append one line `(key, path, sha256, public fingerprint, recipients)` to the
-//!    journal and `fdatasync` it (and the folder when the journal was just created). Only then:
-//! 2. the writer creates the temporary file, writes it, `fsync`s it, renames it over the
-//!    destination and `fsync`s the destination's folder (`write::write_atomic`);
-//! 3. the pass records the file in the state (saved atomically: temporary file, `fsync`,
-//!    rename, folder `fsync`) at least once a second and at the end;
-//! 4. after the final save, [`clear`] removes the journal (and syncs the folder).
+//! Keys are placed a batch (at most 10 keys) at a time, in this order:
+//! 1. each key of the batch is checked and, where asked, encrypted, in memory;
+//! 2. [`Journal::record`] appends one line `(key, path, sha256, public fingerprint,
+//!    recipients)` per key file of the batch, all in one `write`, then `fdatasync`s the journal
+//!    once. The pass's first record creates the journal and `fsync`s the state folder before
+//!    writing, so the journal's name is as durable as its lines. Only then:
+//! 3. for each key file, the writer creates the temporary file in the destination's folder,
+//!    writes it, `fsync`s it (its bytes are durable before any name points at them) and renames
+//!    it over the destination (`write::publish`); the folder is not synced yet;
+//! 4. each distinct destination folder of the batch is `fsync`ed once (`write::sync_folders`):
+//!    now every rename of the batch is durable. Only then are the batch's records handed to the
+//!    pass's state;
+//! 5. the pass saves the state (atomically: temporary file, `fsync`, rename, folder `fsync`)
+//!    at least once a second and at the end;
+//! 6. after the final save, [`clear`] removes the journal (and syncs the folder).
 //!
 //! On the next start, [`fold`] reads the journal before planning: a destination whose bytes
 //! hash to a recorded intent is ours, and its record goes into the state.
 //!
-//! - Killed before 1 completes: nothing was renamed; the old file (or none) is there.
-//! - Killed between 1 and the rename: the destination is the old file or absent. An intent
-//!   whose hash matches nothing on disk is ignored; one that matches the old file means the old
-//!   file holds exactly the bytes we meant to write, so claiming it is right.
-//! - Killed after the rename, before the state save: the file's hash matches its intent: ours.
-//! - Killed after the final save, before [`clear`]: the intents fold into records that already
-//!   say the same; nothing changes.
-//! - **Power loss**: the journal line is on disk (`fdatasync`) before the rename is even issued,
-//!   and the renamed file's data before its rename (`fsync` of the temporary file). After the
-//!   reboot each destination holds either its old content or the complete new file (the rename
-//!   is atomic, made durable by the folder's `fsync`); in the second case the intent is there
-//!   to claim it. A torn last journal line (a crash mid-append) is skipped: its rename never
-//!   happened, since it comes after the sync.
+//! If the process dies (SIGKILL, OOM; the kernel keeps everything written so far):
+//! - before 2 completes: nothing of the batch was renamed; the old files (or none) are there;
+//! - between 2 and a key's rename: its destination is the old file or absent. An intent whose
+//!   hash matches nothing on disk is ignored; one that matches the old file means the old file
+//!   holds exactly the bytes we meant to write, so claiming it is right;
+//! - after a rename, before the state save that records it (whether or not 4 ran): the file's
+//!   hash matches its intent: ours;
+//! - after the final save, before [`clear`]: the intents fold into records that already say
+//!   the same; nothing changes.
+//!
+//! If the power fails, only what was synced survives:
+//! - the batch's journal lines are durable (2) before any of its renames is issued (3), so
+//!   every rename that survives has its intent; a torn last line (a crash mid-append) is
+//!   skipped, and its batch renamed nothing since the renames come after the sync;
+//! - each renamed file's bytes are durable before its rename, so after the reboot each
+//!   destination holds either its old content or the complete new file, never a torn one (a
+//!   rename not yet made durable by 4 may be undone: the old file is back, the intent matches
+//!   nothing or the old bytes, as above);
+//! - a record reaches the state only after 4, and a state save is itself synced, so a state
+//!   that survives never records a rename that did not: the next pass never takes the old file
+//!   for an altered copy of ours.
 //!
 //! A pass that publishes nothing never touches the journal: no write, no fsync. The journal is
 //! append-only, one JSON line per intent, created 0600 (`O_NOFOLLOW`, never through a link) in
 //! the 0700 state folder; it holds hashes and fingerprints, never a key.
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
@@ -61,25 +78,77 @@ pub struct Intent {
     pub recipients: Option<String>,
 }
 
-/// Append `intent` and make it durable. Called from several threads at once: each intent is one
-/// `write(2)` of one line on an `O_APPEND` descriptor, so lines never interleave.
-pub fn record(state_dir: &Path, intent: &Intent) -> io::Result<()> {
-    let path = state_dir.join(JOURNAL_FILE);
-    let mut line = serde_json::to_vec(intent).map_err(io::Error::other)?;
-    line.push(b'\n');
-    let created = !path.exists();
-    let mut file = OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
-        .open(&path)?;
-    file.write_all(&line)?;
-    file.sync_data()?;
-    if created {
-        std::fs::File::open(state_dir)?.sync_all()?;
+/// The journal of one pass, opened at its first record. Shared by the batches placed at the
+/// same time: each record is one `write(2)` of whole lines on an `O_APPEND` descriptor, so
+/// lines never interleave.
+pub struct Journal {
+    state_dir: PathBuf,
+    /// Opened (created and its name made durable, if need be) by the first record.
+    file: Mutex<Option<Arc<File>>>,
+}
+
+impl Journal {
+    pub fn new(state_dir: &Path) -> Journal {
+        Journal {
+            state_dir: state_dir.to_owned(),
+            file: Mutex::new(None),
+        }
     }
-    Ok(())
+
+    /// The journal's path, for messages.
+    pub fn path(&self) -> PathBuf {
+        self.state_dir.join(JOURNAL_FILE)
+    }
+
+    /// Append `intents` in one write and make them durable with one `fdatasync`.
+    pub fn record(&self, intents: &[Intent]) -> io::Result<()> {
+        if intents.is_empty() {
+            return Ok(());
+        }
+        let mut lines = Vec::with_capacity(intents.len() * 256);
+        for intent in intents {
+            serde_json::to_writer(&mut lines, intent).map_err(io::Error::other)?;
+            lines.push(b'\n');
+        }
+        let file = self.open()?;
+        (&*file).write_all(&lines)?;
+        file.sync_data()
+    }
+
+    /// The open journal; the first call opens it, and when it creates the file, syncs the
+    /// state folder before any record is made, so the journal's name survives a power loss.
+    /// Under the lock, so that no batch appends to a journal whose name is not yet durable.
+    fn open(&self) -> io::Result<Arc<File>> {
+        let mut slot = self
+            .file
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(file) = &*slot {
+            return Ok(file.clone());
+        }
+        let path = self.path();
+        let open = |create_new: bool| {
+            OpenOptions::new()
+                .append(true)
+                .create_new(create_new)
+                .mode(0o600)
+                .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+                .open(&path)
+        };
+        let file = match open(true) {
+            Ok(file) => {
+                File::open(&self.state_dir)?.sync_all()?;
+                file
+            }
+            // Left by a pass that stopped before clearing it; its name was synced when it was
+            // created, before any of its records.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => open(false)?,
+            Err(e) => return Err(e),
+        };
+        let file = Arc::new(file);
+        *slot = Some(file.clone());
+        Ok(file)
+    }
 }
 
 /// Every whole intent in the journal, oldest first; none when there is no journal.
@@ -200,9 +269,16 @@ mod tests {
         let other = dir.join("other.pem");
         std::fs::write(&ours, b"published").unwrap();
         std::fs::write(&other, b"someone else's").unwrap();
-        record(dir, &intent("a", &ours, b"published")).unwrap();
-        record(dir, &intent("b", &other, b"what we meant to write")).unwrap();
-        record(dir, &intent("c", &dir.join("never.pem"), b"x")).unwrap();
+        let journal = Journal::new(dir);
+        journal
+            .record(&[
+                intent("a", &ours, b"published"),
+                intent("b", &other, b"what we meant to write"),
+            ])
+            .unwrap();
+        journal
+            .record(&[intent("c", &dir.join("never.pem"), b"x")])
+            .unwrap();
         // A torn last line is skipped.
         let mut f = OpenOptions::new()
             .append(true)
@@ -229,10 +305,31 @@ mod tests {
     }
 
     #[test]
+    fn a_journal_left_by_a_stopped_pass_is_appended_to_and_a_batch_is_one_write() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        Journal::new(dir)
+            .record(&[intent("left", &dir.join("l"), b"l")])
+            .unwrap();
+        let journal = Journal::new(dir);
+        journal.record(&[]).unwrap();
+        let batch: Vec<Intent> = (0..10)
+            .map(|i| intent(&format!("k{i}"), &dir.join(format!("k{i}")), b"k"))
+            .collect();
+        journal.record(&batch).unwrap();
+        let read = read(dir);
+        assert_eq!(read.len(), 11);
+        assert_eq!(read[0].key, "left");
+        assert_eq!(read[1..], batch[..]);
+    }
+
+    #[test]
     fn the_journal_is_private() {
         use std::os::unix::fs::MetadataExt;
         let tmp = tempfile::tempdir().unwrap();
-        record(tmp.path(), &intent("a", &tmp.path().join("k"), b"k")).unwrap();
+        Journal::new(tmp.path())
+            .record(&[intent("a", &tmp.path().join("k"), b"k")])
+            .unwrap();
         let mode = std::fs::metadata(tmp.path().join(JOURNAL_FILE))
             .unwrap()
             .mode();
