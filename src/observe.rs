@@ -57,7 +57,7 @@ pub type Fresh = HashMap<PathBuf, Stat>;
 const RACY_WINDOW_NS: i64 = 2_000_000_000;
 
 /// The identity and timestamps of a regular file, and when they were taken.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Stat {
     pub dev: u64,
     pub ino: u64,

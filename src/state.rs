@@ -12,11 +12,14 @@
 //! older version) is read on the next pass, which then records it.
 //!
 //! The state is saved only when it changed ([`State::end_pass`]): a pass that changes nothing
-//! writes and fsyncs nothing. The time of such a pass is kept as the lock file's mtime (one
+//! writes and fsyncs nothing. "Changed" is judged on the state's value, not its bytes: a
+//! 64-bit hash of every field, taken when it was loaded or saved, against one taken at the end
+//! of the pass (a walk over the records; no serialization, no SHA-256 of megabytes). The time of such a pass is kept as the lock file's mtime (one
 //! `utimensat`, no data, no fsync), and `status` shows the later of the two.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
+use std::hash::{Hash, Hasher};
 use std::io::{self, Read};
 
 use crate::observe::{self, Fresh, Known, Observed, ObservedFiles, Stat};
@@ -37,7 +40,7 @@ pub const LOCK_FILE: &str = "lock";
 /// Everything kps-sync remembers between passes.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
-    /// The digest of the bytes this state was last loaded from or saved as.
+    /// What this state was when last loaded or saved.
     #[serde(skip)]
     baseline: Baseline,
     pub version: u32,
@@ -91,12 +94,11 @@ pub struct PublicRecord {
     pub stat: Option<Stat>,
 }
 
-/// What the state was when loaded or last saved: the SHA-256 of its bytes, to tell whether it
-/// changed, and its pass record. Not part of the state's value: two states are equal whatever
-/// bytes they came from.
+/// What the state was when loaded or last saved: the hash of its value ([`State::value_hash`]),
+/// to tell whether it changed, and its pass record. Not part of the state's value.
 #[derive(Debug, Clone, Default)]
 struct Baseline {
-    digest: Option<[u8; 32]>,
+    hash: Option<u64>,
     pass: Option<PassRecord>,
 }
 
@@ -108,31 +110,53 @@ impl PartialEq for Baseline {
 
 impl Eq for Baseline {}
 
-/// A `Write` that only hashes: the state's bytes are digested without being held.
-struct Digester(sha2::Sha256);
+/// Paths hash as their bytes: `Path`'s own `Hash` walks components, several times slower, and
+/// recorded paths are already normal (the manifest normalizes them).
+fn hash_path<H: Hasher>(path: &Path, h: &mut H) {
+    path.as_os_str().as_encoded_bytes().hash(h);
+}
 
-impl io::Write for Digester {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        sha2::Digest::update(&mut self.0, buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+// Written out rather than derived for the paths (see `hash_path`); the patterns name every
+// field, so a field added later does not compile until it is hashed too.
+impl Hash for FileRecord {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        let FileRecord {
+            path,
+            sha256,
+            written_at,
+            recipients,
+            fingerprint,
+            public_key,
+            stat,
+        } = self;
+        hash_path(path, h);
+        (
+            sha256,
+            written_at,
+            recipients,
+            fingerprint,
+            public_key,
+            stat,
+        )
+            .hash(h);
     }
 }
 
-fn digest(bytes: &[u8]) -> [u8; 32] {
-    <sha2::Sha256 as sha2::Digest>::digest(bytes).into()
+impl Hash for PublicRecord {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        let PublicRecord { path, sha256, stat } = self;
+        hash_path(path, h);
+        (sha256, stat).hash(h);
+    }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ErrorRecord {
     pub at: String,
     pub message: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct PassRecord {
     pub at: String,
     pub managed: usize,
@@ -221,10 +245,7 @@ impl State {
             })?;
         let mut state: State = serde_json::from_slice(&bytes)
             .map_err(|source| StateError::Corrupt { path, source })?;
-        state.baseline = Baseline {
-            digest: Some(digest(&bytes)),
-            pass: state.last_pass.clone(),
-        };
+        state.set_baseline();
         Ok(state)
     }
 
@@ -240,11 +261,32 @@ impl State {
     pub fn save(&mut self, state_dir: &Path) -> Result<(), StateError> {
         let bytes = self.to_bytes();
         State::save_bytes(&bytes, state_dir)?;
+        self.set_baseline();
+        Ok(())
+    }
+
+    fn set_baseline(&mut self) {
         self.baseline = Baseline {
-            digest: Some(digest(&bytes)),
+            hash: Some(self.value_hash()),
             pass: self.last_pass.clone(),
         };
-        Ok(())
+    }
+
+    /// A hash of everything the state file holds. SipHash's 64 bits: a change goes unseen
+    /// with a chance of about 2^-64 (and would cost a record's update until the next change,
+    /// never a key).
+    fn value_hash(&self) -> u64 {
+        let State {
+            baseline: _,
+            version,
+            files,
+            errors,
+            last_pass,
+            last_listing,
+        } = self;
+        let mut h = std::hash::DefaultHasher::new();
+        (version, files, errors, last_pass, last_listing).hash(&mut h);
+        h.finish()
     }
 
     /// The bytes of `state.json`: compact JSON (a tenth smaller than pretty-printed, so
@@ -268,9 +310,7 @@ impl State {
 
     /// Whether the state differs from what it was loaded from or last saved as.
     pub fn changed(&self) -> bool {
-        let mut hasher = Digester(sha2::Sha256::default());
-        serde_json::to_writer(&mut hasher, self).expect("state serializes");
-        self.baseline.digest != Some(sha2::Digest::finalize(hasher.0).into())
+        self.baseline.hash != Some(self.value_hash())
     }
 
     /// End a pass whose record is in `last_pass`. The state is saved only when something in
@@ -528,6 +568,66 @@ mod tests {
         assert!(state.changed());
         assert!(end(&mut state, "2026-01-01T00:15:00Z", 1));
         assert_eq!(State::load(dir).unwrap(), state);
+    }
+
+    #[test]
+    fn any_change_to_a_record_is_a_change_and_undoing_it_is_none() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let mut state = State::new();
+        let stat = Stat {
+            dev: 1,
+            ino: 2,
+            size: 3,
+            mtime: 4,
+            ctime: 5,
+            seen: 6,
+        };
+        for name in ["a", "b"] {
+            state.files.insert(
+                name.into(),
+                FileRecord {
+                    path: format!("/k/{name}").into(),
+                    sha256: "sha256:00".into(),
+                    written_at: "2026-01-01T00:00:00Z".into(),
+                    recipients: None,
+                    fingerprint: None,
+                    public_key: Some(PublicRecord {
+                        path: format!("/k/{name}.pub").into(),
+                        sha256: "sha256:01".into(),
+                        stat: Some(stat),
+                    }),
+                    stat: Some(stat),
+                },
+            );
+        }
+        state.save(dir).unwrap();
+        let mut state = State::load(dir).unwrap();
+        assert!(!state.changed());
+        let edits: Vec<fn(&mut FileRecord)> = vec![
+            |r| r.path.push("x"),
+            |r| r.sha256.push('1'),
+            |r| r.written_at.push('Z'),
+            |r| r.recipients = Some(String::new()),
+            |r| r.fingerprint = Some("SHA256:x".into()),
+            |r| r.stat.as_mut().unwrap().ctime += 1,
+            |r| r.stat.as_mut().unwrap().seen += 1,
+            |r| r.stat = None,
+            |r| r.public_key.as_mut().unwrap().path.push("x"),
+            |r| r.public_key.as_mut().unwrap().stat.as_mut().unwrap().ino += 1,
+            |r| r.public_key = None,
+        ];
+        for (i, edit) in edits.into_iter().enumerate() {
+            let before = state.files["b"].clone();
+            edit(state.files.get_mut("b").unwrap());
+            assert!(state.changed(), "edit {i} went unseen");
+            state.files.insert("b".into(), before);
+            assert!(!state.changed(), "edit {i} undone");
+        }
+        // A record's path moving to its neighbour's field is a change too.
+        let a = state.files.remove("a").unwrap();
+        state.files.insert("c".into(), a);
+        assert!(state.changed());
     }
 
     #[test]
