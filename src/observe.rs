@@ -7,7 +7,6 @@
 //! must not be "racy" (see [`Stat::trusted`]). ctime cannot be set from user space, so an edit
 //! that restores the size and the mtime (`touch -d`) is still seen.
 
-use std::collections::HashMap;
 use std::fs::{File, Metadata, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -39,16 +38,16 @@ pub struct FileFacts {
 }
 
 /// Observe every path given.
-/// Paths are compared component by component in ordered maps; a hash map keeps a no-op pass
-/// over thousands of keys cheap.
-pub type ObservedFiles = HashMap<PathBuf, Observed>;
+/// A hash map (with FxHash: these are the operator's own paths) keeps a no-op pass over
+/// thousands of keys cheap.
+pub type ObservedFiles = rustc_hash::FxHashMap<PathBuf, Observed>;
 
 /// What the state vouches for: path -> the stat recorded when the file last hashed to `sha256`.
-pub type Known = HashMap<PathBuf, (Stat, String)>;
+pub type Known = rustc_hash::FxHashMap<PathBuf, (Stat, String)>;
 
 /// The stat of every file that was read and hashed in [`observe_all`] (taken before reading),
 /// by path: what the state may record to skip the read next time.
-pub type Fresh = HashMap<PathBuf, Stat>;
+pub type Fresh = rustc_hash::FxHashMap<PathBuf, Stat>;
 
 /// How far back from the moment a stat was taken a file timestamp makes that stat racy:
 /// file timestamps come from the kernel's coarse clock (a tick behind ours) and some
@@ -132,8 +131,8 @@ pub fn observe_all<'a>(
                 .collect()
         })
     };
-    let mut observed = ObservedFiles::with_capacity(all.len());
-    let mut fresh = Fresh::new();
+    let mut observed = ObservedFiles::with_capacity_and_hasher(all.len(), Default::default());
+    let mut fresh = Fresh::default();
     for (path, seen, stat) in all {
         if let Some(stat) = stat {
             fresh.insert(path.clone(), stat);
@@ -255,17 +254,17 @@ mod tests {
         // Taken long after the file's last change: trusted, and the file is not read (the
         // hash reported is the recorded one, whatever the bytes).
         let old = Stat::of(&meta, now_ns() + 10 * RACY_WINDOW_NS);
-        let known = Known::from([(file.clone(), (old, "sha256:recorded".to_owned()))]);
+        let known = Known::from_iter([(file.clone(), (old, "sha256:recorded".to_owned()))]);
         assert_eq!(observed(&known), ("sha256:recorded".into(), false));
         // Taken right after the change: racy, so read, and its stat offered for the record.
         let racy = Stat::of(&meta, now_ns());
         assert!(!racy.trusted());
-        let known = Known::from([(file.clone(), (racy, "sha256:recorded".to_owned()))]);
+        let known = Known::from_iter([(file.clone(), (racy, "sha256:recorded".to_owned()))]);
         assert_eq!(observed(&known), (sha256_of(b"key"), true));
         // Any change of the file (here its mode: the ctime moves) reads it again.
         std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o640))
             .unwrap();
-        let known = Known::from([(file.clone(), (old, "sha256:recorded".to_owned()))]);
+        let known = Known::from_iter([(file.clone(), (old, "sha256:recorded".to_owned()))]);
         assert_eq!(observed(&known), (sha256_of(b"key"), true));
         // A symlink put there is never taken for the file.
         std::fs::remove_file(&file).unwrap();

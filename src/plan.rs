@@ -13,7 +13,7 @@
 //! - prune deletes only a file whose bytes are still exactly what kps-sync wrote;
 //! - applying a plan and planning again yields nothing pending (property-tested below).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::PathBuf;
 
@@ -280,7 +280,7 @@ pub fn plan(
         .iter()
         .map(|want| plan_declared(want, observed, state, keys))
         .collect();
-    let managed_paths: HashSet<&PathBuf> = desired.iter().map(|d| &d.path).collect();
+    let managed_paths: rustc_hash::FxHashSet<&PathBuf> = desired.iter().map(|d| &d.path).collect();
     let managed_names: BTreeMap<&str, &Desired> =
         desired.iter().map(|d| (d.name.as_str(), d)).collect();
     // Records no longer backed by the manifest: the key is gone, or moved to another path.
@@ -530,7 +530,7 @@ mod tests {
         let mut rec = record("/k/a", "sha256:1");
         rec.fingerprint = Some("SHA256:old".into());
         state.files.insert("a".into(), rec);
-        let obs = ObservedFiles::from([(PathBuf::from("/k/a"), facts("sha256:1", 0o644))]);
+        let obs = ObservedFiles::from_iter([(PathBuf::from("/k/a"), facts("sha256:1", 0o644))]);
         let p = plan(
             &[want("a", "/k/a")],
             false,
@@ -566,14 +566,16 @@ mod tests {
 
     #[test]
     fn a_hand_placed_copy_of_the_listed_key_is_adopted_and_anything_else_kept() {
-        let obs = ObservedFiles::from([(PathBuf::from("/k/a"), facts("sha256:theirs", 0o600))]);
+        let obs =
+            ObservedFiles::from_iter([(PathBuf::from("/k/a"), facts("sha256:theirs", 0o600))]);
         let mut keys = listing(&[("a", "SHA256:k")]);
         keys.found.insert("/k/a".into(), "SHA256:k".into());
         let p = plan(&[want("a", "/k/a")], false, &obs, &State::new(), &keys);
         assert_eq!(changes(&p), vec![("a", &Change::Adopt { fix_meta: false })]);
         assert!(!p.actions[0].change.needs_export());
 
-        let loose = ObservedFiles::from([(PathBuf::from("/k/a"), facts("sha256:theirs", 0o640))]);
+        let loose =
+            ObservedFiles::from_iter([(PathBuf::from("/k/a"), facts("sha256:theirs", 0o640))]);
         let p = plan(&[want("a", "/k/a")], false, &loose, &State::new(), &keys);
         assert_eq!(changes(&p), vec![("a", &Change::Adopt { fix_meta: true })]);
 
@@ -603,7 +605,7 @@ mod tests {
     #[test]
     fn missing_file_is_created_and_a_deleted_one_restored() {
         let mut state = State::new();
-        let obs = ObservedFiles::new();
+        let obs = ObservedFiles::default();
         let p = plan(&[want("a", "/k/a")], false, &obs, &state, &none());
         assert_eq!(changes(&p), vec![("a", &Change::Create)]);
         state.files.insert("a".into(), record("/k/a", "sha256:1"));
@@ -616,7 +618,8 @@ mod tests {
 
     #[test]
     fn a_file_never_written_by_kps_sync_is_kept() {
-        let obs = ObservedFiles::from([(PathBuf::from("/k/a"), facts("sha256:theirs", 0o600))]);
+        let obs =
+            ObservedFiles::from_iter([(PathBuf::from("/k/a"), facts("sha256:theirs", 0o600))]);
         let p = plan(&[want("a", "/k/a")], true, &obs, &State::new(), &none());
         assert_eq!(
             changes(&p),
@@ -627,7 +630,7 @@ mod tests {
 
     #[test]
     fn a_symlink_is_never_followed() {
-        let obs = ObservedFiles::from([(PathBuf::from("/k/a"), Observed::Symlink)]);
+        let obs = ObservedFiles::from_iter([(PathBuf::from("/k/a"), Observed::Symlink)]);
         let mut state = State::new();
         state.files.insert("a".into(), record("/k/a", "sha256:1"));
         let p = plan(&[want("a", "/k/a")], true, &obs, &state, &none());
@@ -641,14 +644,14 @@ mod tests {
     fn altered_meta_and_recipients() {
         let mut state = State::new();
         state.files.insert("a".into(), record("/k/a", "sha256:1"));
-        let obs = ObservedFiles::from([(PathBuf::from("/k/a"), facts("sha256:2", 0o600))]);
+        let obs = ObservedFiles::from_iter([(PathBuf::from("/k/a"), facts("sha256:2", 0o600))]);
         let p = plan(&[want("a", "/k/a")], false, &obs, &state, &none());
         assert_eq!(
             changes(&p),
             vec![("a", &Change::Restore(RestoreReason::Altered))]
         );
 
-        let obs = ObservedFiles::from([(PathBuf::from("/k/a"), facts("sha256:1", 0o644))]);
+        let obs = ObservedFiles::from_iter([(PathBuf::from("/k/a"), facts("sha256:1", 0o644))]);
         let p = plan(&[want("a", "/k/a")], false, &obs, &state, &none());
         assert_eq!(changes(&p), vec![("a", &Change::FixMeta)]);
 
@@ -667,7 +670,7 @@ mod tests {
         state
             .files
             .insert("edited".into(), record("/k/edited", "sha256:1"));
-        let obs = ObservedFiles::from([
+        let obs = ObservedFiles::from_iter([
             (PathBuf::from("/k/gone"), facts("sha256:1", 0o600)),
             (
                 PathBuf::from("/k/edited"),
@@ -687,7 +690,7 @@ mod tests {
     fn a_renamed_key_on_the_same_path_replaces_our_file() {
         let mut state = State::new();
         state.files.insert("old".into(), record("/k/a", "sha256:1"));
-        let obs = ObservedFiles::from([(PathBuf::from("/k/a"), facts("sha256:1", 0o600))]);
+        let obs = ObservedFiles::from_iter([(PathBuf::from("/k/a"), facts("sha256:1", 0o600))]);
         let p = plan(&[want("new", "/k/a")], true, &obs, &state, &none());
         assert_eq!(
             changes(&p),

@@ -10,10 +10,10 @@
 //! Cost: nothing beyond the parse itself (one set of key texts per mapping); the first
 //! occurrence is located with one more parse only when a duplicate was found.
 
-use std::collections::HashSet;
 use std::fmt;
 use std::marker::PhantomData;
 
+use rustc_hash::FxHashSet;
 use serde::de::value::{MapAccessDeserializer, StringDeserializer};
 use serde::de::{self, Deserialize, DeserializeSeed, Deserializer, MapAccess, Visitor};
 
@@ -26,14 +26,14 @@ const MARK: &str = "duplicate key `";
 /// A mapping's entries, failing on the first repeated key.
 pub(super) struct UniqueKeys<A> {
     map: A,
-    seen: HashSet<String>,
+    seen: FxHashSet<String>,
 }
 
 impl<A> UniqueKeys<A> {
     pub fn new(map: A) -> Self {
         UniqueKeys {
             map,
-            seen: HashSet::new(),
+            seen: FxHashSet::default(),
         }
     }
 }
@@ -62,7 +62,7 @@ impl<'de, A: MapAccess<'de>> MapAccess<'de> for UniqueKeys<A> {
 
 struct KeySeed<'a, K> {
     inner: K,
-    seen: &'a mut HashSet<String>,
+    seen: &'a mut FxHashSet<String>,
 }
 
 impl<'de, K: DeserializeSeed<'de>> DeserializeSeed<'de> for KeySeed<'_, K> {

@@ -8,7 +8,6 @@
 //! `keys:` in one cheap pass over block-style YAML, and the loader probes only for the keys the
 //! scan could not place (flow style, aliases).
 
-use std::collections::HashMap;
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
@@ -263,8 +262,8 @@ impl<'de, T, F: FnOnce(Option<String>) -> Result<T, String>> Visitor<'de> for Ke
 /// at column 1, then its entries at the first child indentation until the next top-level line.
 /// Entries it cannot read (flow style, complex keys) are simply absent; quoted keys with escapes
 /// are skipped too, so a name it does return is exactly the YAML key.
-pub(super) fn scan_key_lines(text: &str) -> HashMap<String, Location> {
-    let mut found = HashMap::new();
+pub(super) fn scan_key_lines(text: &str) -> rustc_hash::FxHashMap<&str, Location> {
+    let mut found = rustc_hash::FxHashMap::default();
     let mut in_keys = false;
     let mut child_indent: Option<usize> = None;
     for (n, line) in text.lines().enumerate() {
@@ -291,7 +290,7 @@ pub(super) fn scan_key_lines(text: &str) -> HashMap<String, Location> {
             continue;
         }
         if let Some(name) = entry_key(content) {
-            found.entry(name.to_string()).or_insert(Location {
+            found.entry(name).or_insert(Location {
                 line: n + 1,
                 column: indent + 1,
             });

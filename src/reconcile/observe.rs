@@ -8,7 +8,9 @@
 //! read at most [`MAX_CANDIDATE`] bytes, only if it is still the file observed, and the bytes
 //! are wiped.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+
+use rustc_hash::FxHashSet;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -50,7 +52,7 @@ impl Observation {
         let mut state = State::load(state_dir)?;
         // Files published just before a crash, not yet in the state: ours (see state::journal).
         state::journal::fold(&mut state, state_dir);
-        let paths: HashSet<&Path> = desired
+        let paths: FxHashSet<&Path> = desired
             .iter()
             .flat_map(|d| std::iter::once(d.path.as_path()).chain(d.public_key.as_deref()))
             .chain(state.files.values().map(|r| r.path.as_path()))
@@ -164,7 +166,7 @@ fn adoption_candidates(
     state: &State,
     observed: &ObservedFiles,
 ) -> (HashMap<PathBuf, String>, bool) {
-    let ours: HashSet<(&Path, &str)> = state
+    let ours: FxHashSet<(&Path, &str)> = state
         .files
         .values()
         .map(|r| (r.path.as_path(), r.sha256.as_str()))

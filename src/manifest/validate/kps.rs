@@ -126,23 +126,32 @@ impl Checker<'_> {
     fn auth_method(&mut self, auth: &RawAuth) -> Option<Option<&'static str>> {
         // The methods written, each named by the field that selects it. AK/SK takes up to three
         // fields: it is named by the one written first.
-        let mut methods: Vec<(Option<Location>, &'static str)> = Vec::new();
-        let mut add = |names: &[(&'static str, bool)]| {
-            let first = names
-                .iter()
-                .filter(|(_, given)| *given)
-                .map(|(name, _)| (locate(self.text, &auth_at(name), Target::Key), *name))
-                .min();
-            methods.extend(first);
+        let groups: [&[(&'static str, bool)]; 4] = [
+            &[("token_file", auth.token_file.is_some())],
+            &[
+                ("access_key_file", auth.access_key_file.is_some()),
+                ("secret_key_file", auth.secret_key_file.is_some()),
+                ("security_token_file", auth.security_token_file.is_some()),
+            ],
+            &[("iam", auth.iam.is_given())],
+            &[("ecs_metadata", auth.ecs_metadata.is_given())],
+        ];
+        let given = groups.iter().flat_map(|g| g.iter()).filter(|(_, g)| *g);
+        // Order by place only when there is a choice: locating takes a parse of the text.
+        let place = |name: &str| match given.clone().count() {
+            0 | 1 => None,
+            _ => locate(self.text, &auth_at(name), Target::Key),
         };
-        add(&[("token_file", auth.token_file.is_some())]);
-        add(&[
-            ("access_key_file", auth.access_key_file.is_some()),
-            ("secret_key_file", auth.secret_key_file.is_some()),
-            ("security_token_file", auth.security_token_file.is_some()),
-        ]);
-        add(&[("iam", auth.iam.is_given())]);
-        add(&[("ecs_metadata", auth.ecs_metadata.is_given())]);
+        let mut methods: Vec<(Option<Location>, &'static str)> = groups
+            .iter()
+            .filter_map(|names| {
+                names
+                    .iter()
+                    .filter(|(_, given)| *given)
+                    .map(|(name, _)| (place(name), *name))
+                    .min()
+            })
+            .collect();
         methods.sort();
         let methods: Vec<&'static str> = methods.into_iter().map(|(_, name)| name).collect();
         if let [.., last] = methods[..]

@@ -6,6 +6,8 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
+
+use rustc_hash::FxHashMap;
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -312,7 +314,7 @@ impl Checker<'_> {
                 Some(p) => self.key_path(&p, path_at),
             };
             let line = lines
-                .get(&name)
+                .get(name.as_str())
                 .copied()
                 .or_else(|| locate(self.text, &key_at, Target::Key))
                 .map_or(0, |l| l.line);
@@ -747,7 +749,7 @@ impl Checker<'_> {
     /// Two keys on one file would overwrite each other on every pass; so would a public key
     /// file on a key's path or on another public key file.
     fn same_paths(&mut self, specs: &[KeySpec]) {
-        let mut by_path: HashMap<&Path, &KeySpec> = HashMap::new();
+        let mut by_path: FxHashMap<&Path, &KeySpec> = FxHashMap::default();
         let mut ordered: Vec<&KeySpec> = specs.iter().collect();
         ordered.sort_by_key(|s| (s.line, s.name.clone()));
         for spec in &ordered {
@@ -776,7 +778,7 @@ impl Checker<'_> {
                 by_path.insert(public, spec);
             }
         }
-        let mut by_path: HashMap<&Path, &KeySpec> = HashMap::new();
+        let mut by_path: FxHashMap<&Path, &KeySpec> = FxHashMap::default();
         for spec in ordered {
             if let Some(first) = by_path.get(spec.path.as_path()) {
                 let message = format!(
