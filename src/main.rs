@@ -128,18 +128,7 @@ fn main() -> ExitCode {
     let manifest = cli
         .manifest
         .unwrap_or_else(kps_sync::manifest::default_path);
-    // The one-shot commands run on this thread: a pass is I/O-bound and does its file work on
-    // blocking threads, so worker threads would only cost memory and start-up time.
-    let runtime = match cli.command {
-        Command::Run => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build(),
-        _ => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build(),
-    }
-    .expect("tokio runtime");
+    let runtime = runtime(matches!(cli.command, Command::Run)).expect("tokio runtime");
     let code = runtime.block_on(async {
         match cli.command {
             Command::Reconcile {
@@ -157,6 +146,18 @@ fn main() -> ExitCode {
         }
     });
     ExitCode::from(code)
+}
+
+/// Every command, the daemon included, runs on this one thread: a pass is I/O-bound and does its
+/// file work on blocking threads, so worker threads would only cost memory (each a stack and a
+/// malloc arena) and start-up time. The daemon lets an idle blocking thread go after a second
+/// rather than tokio's 10 s, so between passes it is down to this thread and notify's.
+fn runtime(daemon: bool) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_current_thread();
+    if daemon {
+        builder.thread_keep_alive(Duration::from_secs(1));
+    }
+    builder.enable_all().build()
 }
 
 fn completions(shell: Shell) -> ExitCode {
