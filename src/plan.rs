@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::manifest::KeySpec;
 use crate::observe::{FileFacts, Observed, ObservedFiles};
@@ -360,7 +360,7 @@ fn plan_declared(
     }
 }
 
-fn seen(observed: &ObservedFiles, path: &PathBuf) -> Option<String> {
+fn seen(observed: &ObservedFiles, path: &Path) -> Option<String> {
     match observed.get(path) {
         Some(Observed::Regular(facts)) => Some(facts.sha256.clone()),
         _ => None,

@@ -367,7 +367,7 @@ impl State {
 
     /// The stat each recorded file had when it last hashed to its record, by path.
     pub fn known(&self) -> Known {
-        let mut known = Known::with_capacity_and_hasher(self.files.len(), Default::default());
+        let mut known = Known::with_capacity(self.files.len());
         for rec in self.files.values() {
             if let Some(stat) = rec.stat {
                 known.insert(rec.path.clone(), (stat, rec.sha256.clone()));

@@ -9,6 +9,7 @@
 //! are wiped.
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
 
 use rustc_hash::FxHashSet;
 use std::io::Read;
@@ -52,12 +53,15 @@ impl Observation {
         let mut state = State::load(state_dir)?;
         // Files published just before a crash, not yet in the state: ours (see state::journal).
         state::journal::fold(&mut state, state_dir);
-        let paths: FxHashSet<&Path> = desired
+        // By bytes, as `observe::PathMap` keys them: each spelling is looked at.
+        let paths: FxHashSet<&OsStr> = desired
             .iter()
             .flat_map(|d| std::iter::once(d.path.as_path()).chain(d.public_key.as_deref()))
             .chain(state.files.values().map(|r| r.path.as_path()))
+            .map(Path::as_os_str)
             .collect();
-        let (observed, fresh) = observe::observe_all(paths, &state.known());
+        let (observed, fresh) =
+            observe::observe_all(paths.into_iter().map(Path::new), &state.known());
         let backfill = fingerprints_to_backfill(&desired, &state, &observed);
         let (found, key_candidates) = adoption_candidates(&desired, &state, &observed);
         state.remember(&observed, &fresh);

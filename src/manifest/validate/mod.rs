@@ -6,12 +6,12 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
-
-use rustc_hash::FxHashMap;
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use rustc_hash::FxHashMap;
 
 use super::error::{Location, Problem};
 use super::locate::{Seg, Target, locate, path, scan_key_lines};
@@ -20,7 +20,10 @@ use super::raw::{
     RawOnChange, RawPublicKey, RawSettings, Text,
 };
 use super::regions;
-use super::rules::{HttpRule, check_url, normalize, parse_mode, valid_name, valid_region};
+use super::rules::{
+    HttpRule, check_url, is_normal, normal_starts_with, normalize, parse_mode, valid_name,
+    valid_region,
+};
 use crate::trust::Input;
 
 use super::{
@@ -451,7 +454,7 @@ impl Checker<'_> {
             p.push(Seg::Key(k.into()));
             p
         };
-        let in_defaults = base == path(&["defaults"]);
+        let in_defaults = matches!(&base[..], [Seg::Key(k)] if k == "defaults");
         Fields {
             mode: raw.mode.map(|m| self.mode(&m, at("mode"))),
             owner: raw
@@ -727,8 +730,9 @@ impl Checker<'_> {
     fn reserved_paths(&mut self, specs: &[KeySpec], state_dir: &Path, manifest: &Path) {
         for spec in specs {
             let public = spec.public_key.as_deref();
-            let what = if spec.path.starts_with(state_dir)
-                || public.is_some_and(|p| p.starts_with(state_dir))
+            // Every path here is normal (see `resolve`).
+            let what = if normal_starts_with(&spec.path, state_dir)
+                || public.is_some_and(|p| normal_starts_with(p, state_dir))
             {
                 format!("inside state_dir {}", state_dir.display())
             } else if spec.path == manifest || public == Some(manifest) {
@@ -749,7 +753,8 @@ impl Checker<'_> {
     /// Two keys on one file would overwrite each other on every pass; so would a public key
     /// file on a key's path or on another public key file.
     fn same_paths(&mut self, specs: &[KeySpec]) {
-        let mut by_path: FxHashMap<&Path, &KeySpec> = FxHashMap::default();
+        let mut by_path: FxHashMap<&Path, &KeySpec> =
+            FxHashMap::with_capacity_and_hasher(specs.len() * 2, Default::default());
         let mut ordered: Vec<&KeySpec> = specs.iter().collect();
         ordered.sort_by_key(|s| (s.line, s.name.clone()));
         for spec in &ordered {
@@ -778,7 +783,8 @@ impl Checker<'_> {
                 by_path.insert(public, spec);
             }
         }
-        let mut by_path: FxHashMap<&Path, &KeySpec> = FxHashMap::default();
+        let mut by_path: FxHashMap<&Path, &KeySpec> =
+            FxHashMap::with_capacity_and_hasher(specs.len(), Default::default());
         for spec in ordered {
             if let Some(first) = by_path.get(spec.path.as_path()) {
                 let message = format!(
@@ -847,8 +853,12 @@ impl Checker<'_> {
         } else {
             PathBuf::from(text)
         };
-        // `join` keeps an absolute path as it is.
-        let resolved = normalize(&self.dir.join(joined));
+        // `join` keeps an absolute path as it is; `dir` is normal already.
+        let resolved = if rest.is_none() && is_normal(text) {
+            self.dir.join(joined)
+        } else {
+            normalize(&self.dir.join(joined))
+        };
         let input = match field {
             "state_dir" => Some(Input::StateDir),
             "ca_file" => Some(Input::CaFile),
