@@ -24,7 +24,7 @@ use super::place::{Placed, check_listing, place_batch};
 use super::planned::{Declared, Ledger, Planned};
 use super::{PassOptions, blocking};
 use crate::kps::export::{self, BatchExport, Fallback, FallbackReason};
-use crate::kps::{KeypairInfo, KpsClient, MAX_BATCH};
+use crate::kps::{KpsClient, Listing, MAX_BATCH};
 use crate::plan::PublicChange;
 use crate::state::journal::Journal;
 use crate::state::{State, StateError};
@@ -81,12 +81,13 @@ struct BatchDone {
 }
 
 /// Export `jobs` and place each key, recording what became of it in the ledger. Where the
-/// listing is checked (`remote`), a name it shows cannot be exported fails without a call.
+/// listing is checked (`remote`), a name it shows cannot be exported fails without a call, and
+/// each batch takes its own names' entries out of it (all the archive and the checks need).
 pub(super) async fn run(
     ledger: &mut Ledger,
     jobs: Vec<Job>,
     client: &Arc<KpsClient>,
-    remote: Option<BTreeMap<String, KeypairInfo>>,
+    mut remote: Option<Listing>,
     concurrency: usize,
     options: &PassOptions,
 ) -> Result<Exported, PassError> {
@@ -94,14 +95,13 @@ pub(super) async fn run(
     for job in jobs {
         match remote
             .as_ref()
-            .map(|r| check_listing(r, &job.key.spec.name))
+            .map(|r| check_listing(r, &job.key.want.name))
         {
             Some(Err(cause)) => ledger.keys[job.at].report(Err(cause)),
             _ => exportable.push(job),
         }
     }
     options.progress.set_total(exportable.len());
-    let remote = remote.map(Arc::new);
     let journal = Arc::new(Journal::new(&ledger.state_dir));
     let mut pending = exportable.into_iter();
     let mut pipeline = Pipeline::new(concurrency);
@@ -114,10 +114,16 @@ pub(super) async fn run(
             if jobs.is_empty() {
                 break;
             }
+            // Each batch takes its names' entries: the listing shrinks as the state grows.
+            let listed = remote.as_mut().map(|r| {
+                jobs.iter()
+                    .filter_map(|j| r.remove_entry(&j.key.want.name))
+                    .collect()
+            });
             let batch = Batch {
                 jobs,
                 client: client.clone(),
-                remote: remote.clone(),
+                remote: listed,
                 options: options.clone(),
                 journal: journal.clone(),
             };
@@ -186,7 +192,8 @@ impl Saves {
 struct Batch {
     jobs: Vec<Job>,
     client: Arc<KpsClient>,
-    remote: Option<Arc<BTreeMap<String, KeypairInfo>>>,
+    /// The listing's entries for the batch's names, where exports are checked against it.
+    remote: Option<Listing>,
     options: PassOptions,
     journal: Arc<Journal>,
 }
@@ -201,10 +208,10 @@ impl Batch {
         if self.options.stopping() {
             return Err(stopped());
         }
-        let names: Vec<String> = self.jobs.iter().map(|j| j.key.spec.name.clone()).collect();
+        let names: Vec<String> = self.jobs.iter().map(|j| j.key.want.name.clone()).collect();
         self.options.progress.batch_started();
         let exported = tokio::select! {
-            exported = export::export_batch(&self.client, &names, self.remote.as_deref()) => exported,
+            exported = export::export_batch(&self.client, &names, self.remote.as_ref()) => exported,
             () = self.options.shutdown.cancelled() => return Err(stopped()),
         };
         self.options.progress.batch_done(names.len());
@@ -218,7 +225,7 @@ impl Batch {
             let placed = place_batch(
                 &self.jobs,
                 exported.keys,
-                self.remote.as_deref(),
+                self.remote.as_ref(),
                 &self.journal,
                 || self.options.stopping(),
             );

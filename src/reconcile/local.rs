@@ -187,7 +187,7 @@ impl Ledger {
     pub fn prune(&mut self) {
         for key in &mut self.keys {
             let moved = key.moved_from.is_some();
-            let old = key.moved_from.as_ref().unwrap_or(&key.action).clone();
+            let old = key.moved_from.as_deref().unwrap_or(&key.action).clone();
             if old.change != Change::Prune || key.failed() {
                 continue;
             }

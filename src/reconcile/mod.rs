@@ -140,6 +140,8 @@ async fn pass(
         found: observation.found,
         state_dir: manifest.settings.state_dir.clone(),
     };
+    // What the plan was made from: not held through the exports.
+    drop(observation.observed);
     if let Some(at) = listed.at {
         ledger.state.last_listing = Some(humantime::format_rfc3339_seconds(at).to_string());
     }

@@ -180,15 +180,15 @@ fn prepare(
     {
         return Err(Cause::PublicRotated(display_public(&job.key)));
     }
-    let (spec, want) = (&job.key.spec, &job.key.want);
-    verify_listed(&spec.name, &key, remote)?;
+    let want = &job.key.want;
+    verify_listed(&want.name, &key, remote)?;
     let public = job.public.then(|| key.public_openssh());
     if !job.key_file {
         return Ok(Ready { file: None, public });
     }
     // Kept in the state so a later listing can show a rotation.
     let fingerprint = Some(key.fingerprint_sha256());
-    let bytes = match &spec.encryption {
+    let bytes = match &job.key.encryption {
         Some(enc) => {
             encrypt::encrypt(key.normalised(), enc).map_err(|e| Cause::Encrypt(Arc::new(e)))?
         }
@@ -196,7 +196,7 @@ fn prepare(
     };
     let sha256 = observe::sha256_of(bytes.expose());
     let intent = Intent {
-        key: spec.name.clone(),
+        key: want.name.clone(),
         path: want.path.clone(),
         sha256: sha256.clone(),
         fingerprint: fingerprint.clone(),
@@ -249,7 +249,7 @@ fn place_public(job: &Job, line: &str) -> Result<(PublicRecord, Published), Caus
     let Some(path) = &job.key.want.public_key else {
         unreachable!("only jobs for keys with public_key write one");
     };
-    let text = format!("{line} {}\n", job.key.spec.name);
+    let text = format!("{line} {}\n", job.key.want.name);
     let meta = FileMeta {
         mode: plan::PUBLIC_MODE,
         ..job.key.want.meta

@@ -12,17 +12,22 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::manifest::KeySpec;
+use crate::manifest::{Encryption, KeySpec};
 use crate::plan::{Action, Desired, Plan};
 use crate::state::State;
 
 use super::outcome::{Cause, Outcome};
 
-/// A key the manifest declares, and what that means on disk.
+/// A key the manifest declares, and what that means on disk: what the pass needs of its
+/// declaration, not a copy of it (10,000 copies of every `KeySpec` cost megabytes).
 #[derive(Debug)]
 pub(super) struct Declared {
-    pub spec: KeySpec,
+    /// Its name, path, mode, owner, group, recipients and public key file.
     pub want: Desired,
+    /// age encryption, where declared.
+    pub encryption: Option<Encryption>,
+    /// The argv to run after the key file changed; empty for none.
+    pub on_change: Vec<String>,
 }
 
 /// One key of the plan and what became of it.
@@ -32,8 +37,9 @@ pub(super) struct Planned {
     pub declared: Option<Arc<Declared>>,
     /// The key file's action (for a key no longer declared: its recorded file's).
     pub action: Action,
-    /// A declared key's recorded file at the path it had before it moved.
-    pub moved_from: Option<Action>,
+    /// A declared key's recorded file at the path it had before it moved (boxed: rare, and
+    /// an `Action` inline in each of 10,000 keys would cost more than the action itself).
+    pub moved_from: Option<Box<Action>>,
     /// What became of the key file, its public key file and its old file, in order.
     pub outcomes: Vec<Outcome>,
     /// The key file was exported and written in this pass: its `on_change` runs.
@@ -52,8 +58,9 @@ impl Planned {
                 debug_assert_eq!((&spec.name, &want.name), (&action.key, &action.key));
                 Planned::new(
                     Some(Arc::new(Declared {
-                        spec: spec.clone(),
                         want,
+                        encryption: spec.encryption.clone(),
+                        on_change: spec.on_change.clone(),
                     })),
                     action,
                 )
@@ -66,7 +73,7 @@ impl Planned {
             .collect();
         for action in actions {
             match declared.get(&action.key) {
-                Some(&at) => keys[at].moved_from = Some(action),
+                Some(&at) => keys[at].moved_from = Some(Box::new(action)),
                 None => keys.push(Planned::new(None, action)),
             }
         }

@@ -17,7 +17,8 @@ use crate::state::{self, ErrorRecord, PassRecord};
 
 impl Ledger {
     /// Remember each declared key's last failure, forget it once the key is in place, and
-    /// record the pass. Returns the report without its pass-level fields.
+    /// record the pass. Returns the report without its pass-level fields; the keys' outcomes
+    /// move into it.
     pub fn tally(&mut self, managed: usize) -> PassReport {
         let now = state::now_rfc3339();
         let mut failed = 0;
@@ -60,8 +61,14 @@ impl Ledger {
             in_place,
             failed,
         });
+        // Moved, not copied: nothing after the tally reads a key's outcomes, and 10,000 of
+        // them held twice are megabytes.
+        let mut outcomes = Vec::with_capacity(self.keys.iter().map(|k| k.outcomes.len()).sum());
+        for key in &mut self.keys {
+            outcomes.extend(std::mem::take(&mut key.outcomes));
+        }
         PassReport {
-            outcomes: self.keys.iter().flat_map(|k| k.outcomes.clone()).collect(),
+            outcomes,
             managed,
             in_place,
             failed: failed + not_attempted,
@@ -79,15 +86,8 @@ pub(super) async fn run_hooks(
 ) -> Vec<Arc<HookError>> {
     let mut by_argv: BTreeMap<&[String], Vec<&Planned>> = BTreeMap::new();
     for key in keys.iter().filter(|k| k.written) {
-        if let Some(declared) = key
-            .declared
-            .as_ref()
-            .filter(|d| !d.spec.on_change.is_empty())
-        {
-            by_argv
-                .entry(&declared.spec.on_change)
-                .or_default()
-                .push(key);
+        if let Some(declared) = key.declared.as_ref().filter(|d| !d.on_change.is_empty()) {
+            by_argv.entry(&declared.on_change).or_default().push(key);
         }
     }
     let mut failures = Vec::new();
