@@ -259,12 +259,20 @@ async fn save(state: &State, state_dir: &Path) -> Result<(), StateError> {
 }
 
 /// Save the state at the end of the pass if anything in it changed (see `State::end_pass`).
+/// First the journal is folded in once more: a file this pass renamed into place but could not
+/// record (its folder's `fsync` failed after the rename) is still ours, and the journal that
+/// says so is about to be removed.
 async fn end_pass(mut state: State, state_dir: &Path) -> Result<bool, StateError> {
     let state_dir = state_dir.to_path_buf();
-    blocking(move || state.end_pass(&state_dir)).await
+    blocking(move || {
+        state::journal::fold(&mut state, &state_dir);
+        state.end_pass(&state_dir)
+    })
+    .await
 }
 
-/// Every intent is now a record in the saved state (or its write failed and renamed nothing).
+/// Every intent is now a record in the saved state, or matches nothing on disk (its write
+/// failed before the rename).
 async fn clear_journal(state_dir: &Path) {
     let state_dir = state_dir.to_path_buf();
     if let Err(e) = blocking(move || state::journal::clear(&state_dir)).await {
@@ -278,4 +286,33 @@ async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) 
     tokio::task::spawn_blocking(work)
         .await
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::journal::{Intent, JOURNAL_FILE, Journal};
+
+    #[tokio::test]
+    async fn a_file_renamed_into_place_but_not_recorded_is_claimed_before_the_journal_goes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let key = dir.join("a.pem");
+        std::fs::write(&key, b"published").unwrap();
+        Journal::new(dir)
+            .record(&[Intent {
+                key: "a".into(),
+                path: key.clone(),
+                sha256: crate::observe::sha256_of(b"published"),
+                fingerprint: None,
+                recipients: None,
+            }])
+            .unwrap();
+        // The pass's state lacks the record, as when the folder's sync failed after the rename.
+        assert!(end_pass(State::new(), dir).await.unwrap(), "saved");
+        clear_journal(dir).await;
+        assert!(!dir.join(JOURNAL_FILE).exists());
+        let saved = State::load(dir).unwrap();
+        assert_eq!(saved.files["a"].path, key, "the file is recorded as ours");
+    }
 }

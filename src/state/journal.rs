@@ -21,7 +21,9 @@
 //!    pass's state;
 //! 5. the pass saves the state (atomically: temporary file, `fsync`, rename, folder `fsync`)
 //!    at least once a second and at the end;
-//! 6. after the final save, [`clear`] removes the journal (and syncs the folder).
+//! 6. the journal is folded into the state once more ([`fold`]: a file renamed into place whose
+//!    folder's `fsync` then failed is ours but has no record), the state is saved, and only
+//!    then [`clear`] removes the journal (and syncs the folder).
 //!
 //! On the next start, [`fold`] reads the journal before planning: a destination whose bytes
 //! hash to a recorded intent is ours, and its record goes into the state.
@@ -153,22 +155,28 @@ impl Journal {
 
 /// Every whole intent in the journal, oldest first; none when there is no journal.
 pub fn read(state_dir: &Path) -> Vec<Intent> {
-    let Ok((file, _)) = observe::open_regular(&state_dir.join(JOURNAL_FILE)) else {
-        return Vec::new();
-    };
-    io::BufReader::new(file)
-        .split(b'\n')
-        .map_while(Result::ok)
-        // A torn line (a crash mid-append) does not parse: its rename never happened.
-        .filter_map(|line| serde_json::from_slice(&line).ok())
-        .collect()
+    intents(state_dir).collect()
+}
+
+/// The journal's whole intents, read one line at a time.
+fn intents(state_dir: &Path) -> impl Iterator<Item = Intent> {
+    let file = observe::open_regular(&state_dir.join(JOURNAL_FILE))
+        .ok()
+        .map(|(file, _)| file);
+    file.into_iter().flat_map(|file| {
+        io::BufReader::new(file)
+            .split(b'\n')
+            .map_while(Result::ok)
+            // A torn line (a crash mid-append) does not parse: its rename never happened.
+            .filter_map(|line| serde_json::from_slice(&line).ok())
+    })
 }
 
 /// Claim, in `state`, every destination that holds exactly the bytes an intent recorded.
 /// Returns how many records it added or replaced. Writes nothing.
 pub fn fold(state: &mut State, state_dir: &Path) -> usize {
     let mut folded = 0;
-    for intent in read(state_dir) {
+    for intent in intents(state_dir) {
         let recorded = state
             .files
             .get(&intent.key)
@@ -182,7 +190,7 @@ pub fn fold(state: &mut State, state_dir: &Path) -> usize {
         if facts.sha256 != intent.sha256 {
             continue;
         }
-        tracing::info!(key = %intent.key, path = %intent.path.display(), "a file published just before kps-sync stopped is recorded as its own (intent journal)");
+        tracing::info!(key = %intent.key, path = %intent.path.display(), "a file kps-sync published but had not recorded (it stopped, or the folder's sync failed) is recorded as its own (intent journal)");
         let public_key = state
             .files
             .get(&intent.key)
