@@ -25,7 +25,7 @@ use crate::output::meta::FileMeta;
 use crate::output::write::{self, Prior, Published};
 use crate::secret::SecretBytes;
 use crate::state::journal::{Intent, Journal};
-use crate::state::{self, FileRecord, PublicRecord};
+use crate::state::{FileRecord, PublicRecord};
 use crate::{keys, observe, plan};
 
 /// What placing one key did: the key file's record if it was written, and the public key
@@ -134,11 +134,11 @@ struct Ready {
     public: Option<String>,
 }
 
-/// A key file's bytes (the normalised key or its age ciphertext) and what records it.
+/// A key file's bytes (the normalised key or its age ciphertext) and its intent, from which
+/// its record is made once it is written.
 struct Sealed {
     bytes: SecretBytes,
     intent: Intent,
-    record: FileRecord,
 }
 
 /// What was renamed into place for one key, each file's folder not yet synced.
@@ -194,29 +194,15 @@ fn prepare(
         }
         None => key.into_normalised(),
     };
-    let sha256 = observe::sha256_of(bytes.expose());
     let intent = Intent {
         key: want.name.clone(),
         path: want.path.clone(),
-        sha256: sha256.clone(),
-        fingerprint: fingerprint.clone(),
-        recipients: want.recipients.clone(),
-    };
-    let record = FileRecord {
-        path: want.path.clone(),
-        sha256,
-        written_at: state::now_rfc3339(),
-        recipients: want.recipients.clone(),
+        sha256: observe::sha256_of(bytes.expose()),
         fingerprint,
-        public_key: None,
-        stat: None,
+        recipients: want.recipients.clone(),
     };
     Ok(Ready {
-        file: Some(Sealed {
-            bytes,
-            intent,
-            record,
-        }),
+        file: Some(Sealed { bytes, intent }),
         public,
     })
 }
@@ -231,7 +217,7 @@ fn write(job: &Job, ready: Ready, published: &mut Vec<Published>) -> Result<Writ
             let done = write::publish(&want.path, sealed.bytes.expose(), want.meta, prior)
                 .map_err(Cause::of_write)?;
             published.push(done);
-            Some(sealed.record)
+            Some(sealed.intent.into_record())
         }
         None => None,
     };

@@ -80,6 +80,22 @@ pub struct Intent {
     pub recipients: Option<String>,
 }
 
+impl Intent {
+    /// The state's record of the file this intent published, written now. No public key file
+    /// and no stat yet: the next pass hashes the file once and records its stat.
+    pub fn into_record(self) -> FileRecord {
+        FileRecord {
+            path: self.path,
+            sha256: self.sha256,
+            written_at: super::now_rfc3339(),
+            recipients: self.recipients,
+            fingerprint: self.fingerprint,
+            public_key: None,
+            stat: None,
+        }
+    }
+}
+
 /// The journal of one pass, opened at its first record. Shared by the batches placed at the
 /// same time: each record is one `write(2)` of whole lines on an `O_APPEND` descriptor, so
 /// lines never interleave.
@@ -195,17 +211,12 @@ pub fn fold(state: &mut State, state_dir: &Path) -> usize {
             .files
             .get(&intent.key)
             .and_then(|r| r.public_key.clone());
+        let key = intent.key.clone();
         state.files.insert(
-            intent.key.clone(),
+            key,
             FileRecord {
-                path: intent.path,
-                sha256: intent.sha256,
-                written_at: super::now_rfc3339(),
-                recipients: intent.recipients,
-                fingerprint: intent.fingerprint,
                 public_key,
-                // Not read since the crash: the next pass hashes it and records its stat.
-                stat: None,
+                ..intent.into_record()
             },
         );
         folded += 1;
